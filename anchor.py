@@ -1,0 +1,64 @@
+"""The ANCHOR loss: supervised contrastive learning that up-weights hard positives.
+
+ANCHOR (Adversarially-trained Contrastive Hard-mining for Optimized Robustness, arXiv 2510.27599) trains a
+classifier on adversarial examples and, beside the cross-entropy, pulls each image, its augmentation and its
+adversarial version together with their class (and apart from other classes) in a projection space. This file
+holds the loss alone; it imports only torch, so it can be copied into another codebase as it is:
+
+    feats = torch.stack([model_head(x_clean), model_head(x_adv)], dim=1)  # [B, 2, D]
+    loss = ce + lam * anchor_loss(feats, labels, temperature=0.1, beta=1.0)
+"""
+import torch
+import torch.nn.functional as F
+
+
+def anchor_loss(features, labels, temperature=0.1, beta=1.0):
+    """Hard-positive-weighted supervised contrastive loss.
+
+    features: float [B, V, D], V views of each of B images (L2-normalized here); labels: int [B].
+    Over the N = B*V embeddings z, with positives P(i) = {p != i: y_p = y_i} and contrast set A(i) = {a != i}:
+        L_i = -sum_{p in P(i)} q_ip * log( exp(z_i.z_p / t) / sum_{a in A(i)} exp(z_i.z_a / t) )
+        q_ip = w_ip / sum_{p' in P(i)} w_ip',   w_ip = exp(beta * (1 - z_i.z_p)),   q computed without gradient
+    and the loss is the mean of L_i over anchors with at least one positive (0, with a graph, if none has one).
+    q_ip is (1/|P(i)|) times the weight w_ip normalized to mean 1: the least similar positives weigh most;
+    beta = 0 gives q_ip = 1/|P(i)|, which is exactly SupCon's L_out (Khosla et al. 2020) with
+    base_temperature = temperature. Returns a float32 scalar (float64 for float64 features).
+    """
+    if features.dim() != 3 or not features.is_floating_point():
+        raise ValueError(f"features must be a float tensor [B, V, D] (batch, views, dim), got "
+                         f"{features.dtype} of shape {tuple(features.shape)}")
+    B, V, D = features.shape
+    if labels.shape != (B,):
+        raise ValueError(f"labels must have shape [B] = [{B}] to match features, got {tuple(labels.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0 (0 gives SupCon), got {beta}")
+    if B * V < 2:  # a single embedding has no positive and nothing to contrast with
+        return features.sum() * 0.0
+
+    # Similarities and log-softmax in float32 at least, even under bf16/fp16 autocast.
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        z = F.normalize(features.to(dtype).reshape(B * V, D), dim=1)  # (N, D), row b*V + v is view v of image b
+        y = labels.to(features.device).repeat_interleave(V)  # (N,)
+        sim = z @ z.T  # (N, N) cosine similarities in [-1, 1]
+        self_mask = torch.eye(B * V, dtype=torch.bool, device=z.device)
+        pos_mask = (y[:, None] == y[None, :]) & ~self_mask  # (N, N) P(i) in row i
+        n_pos = pos_mask.sum(1)  # (N,)
+
+        # log p(a | i) over the contrast set A(i); logsumexp subtracts the row max for stability.
+        logits = sim / temperature
+        log_prob = logits - logits.masked_fill(self_mask, float("-inf")).logsumexp(1, keepdim=True)  # (N, N)
+
+        # Hard-positive weights: a softmax of -beta * sim over P(i) is w_ip / sum_p w_ip, computed stably.
+        # Stop-gradient: the weights only say how much each pair counts, they are not optimized.
+        with torch.no_grad():
+            q = (-beta * sim).masked_fill(~pos_mask, float("-inf"))
+            q = q.masked_fill((n_pos == 0)[:, None], 0.0).softmax(1)  # rows without positives: no -inf-only rows
+            q = q * pos_mask  # (N, N), rows sum to 1 over P(i), or 0 where P(i) is empty
+
+        per_anchor = -(q * log_prob.masked_fill(~pos_mask, 0.0)).sum(1)  # (N,)
+        has_pos = (n_pos > 0).to(dtype)
+        # Mean over anchors with a positive, without a host sync (no boolean indexing).
+        return (per_anchor * has_pos).sum() / has_pos.sum().clamp(min=1.0)
