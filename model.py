@@ -3,7 +3,7 @@
     from model import build_model
     model = build_model({"width": 64})      # the ResNet-18 of the papers; width=16 for quick CPU runs
     logits = model(x)                        # x: float [N, 3, 32, 32] in [0, 1]
-    logits, z = model.forward_train(x)       # z: [N, 128] projection (not normalized), one backbone pass
+    logits, z = model(x, projection=True)    # z: [N, 128] projection (not normalized), one backbone pass
 
 `model(x)` returns logits only, so the model plugs into attacks.py and into torchattacks, AutoAttack and
 RobustBench unchanged. Normalization by the CIFAR-10 mean/std is the model's first step: every attack works
@@ -64,13 +64,15 @@ class ResNet18(nn.Module):
         x = self.stages(x)  # (N, 8w, H/8, W/8)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 8w)
 
-    def forward(self, x):
-        return self.classifier(self.features(x))
+    def forward(self, x, projection=False):
+        """Logits [N, classes]; with projection=True, (logits, projection [N, proj_dim]) from one backbone pass.
+        The flag (rather than a second method only) lets torch.compile(model) cover the training pass too."""
+        h = self.features(x)
+        return (self.classifier(h), self.head(h)) if projection else self.classifier(h)
 
     def forward_train(self, x):
-        """(logits [N, classes], projection [N, proj_dim]) from one pass of the backbone."""
-        h = self.features(x)
-        return self.classifier(h), self.head(h)
+        """(logits, projection) from one pass of the backbone: the training forward."""
+        return self(x, projection=True)
 
     def backbone_parameters(self):
         """Everything but the classifier: what `--finetune-epochs` freezes."""

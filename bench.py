@@ -1,0 +1,108 @@
+"""Training throughput: images per second of one full adversarial-training step (PGD attack + update).
+
+    python bench.py                          # CUDA: ResNet-18, batch 512, PGD-10, every precision variant
+    python bench.py --device cpu             # a tiny configuration, well under a minute
+    python bench.py --json bench.json
+
+The step is train.py's own `train_step` (imported, not copied). Each figure is the median over timed steps
+after warm-up, with the device synchronized around every timed step; the data are random images on the
+device, since the content does not change the work.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import train
+from model import build_model
+
+# name -> extra train.py flags
+VARIANTS = {
+    "fp32": [],
+    "bf16": ["--amp"],
+    "bf16+channels_last": ["--amp", "--channels-last"],
+    "bf16+channels_last+compile": ["--amp", "--channels-last", "--compile"],
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Training-step throughput of train.py.")
+    p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 512 on CUDA, 32 on the CPU)")
+    p.add_argument("--width", type=int, default=None, help="ResNet-18 width (default 64 on CUDA, 8 on the CPU)")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps of the training attack")
+    p.add_argument("--variants", type=str, default=None, help=f"comma-separated subset of {','.join(VARIANTS)} (default: all on CUDA, fp32 on the CPU)")
+    p.add_argument("--losses", type=str, default="ce,anchor", help="comma-separated train.py --loss values")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 2 on the CPU; compile needs them)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps (default 30 on CUDA, 5 on the CPU)")
+    p.add_argument("--json", type=str, default=None, help="write the table to this JSON file")
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = args.device == "cuda"
+    args.batch_size = args.batch_size or (512 if cuda else 32)
+    args.width = args.width or (64 if cuda else 8)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    args.iters = args.iters or (30 if cuda else 5)
+    args.variants = (args.variants or ",".join(VARIANTS if cuda else ["fp32"])).split(",")
+    args.losses = args.losses.split(",")
+    for v in args.variants:
+        if v not in VARIANTS:
+            p.error(f"argument --variants: unknown {v!r}; choose from {','.join(VARIANTS)}")
+    return args
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(loss, variant, args):
+    """Median images/s of train.train_step for one loss and one precision variant."""
+    targs = train.get_args(["--loss", loss, "--device", args.device, "--batch-size", str(args.batch_size),
+                            "--width", str(args.width), "--steps", str(args.steps)] + VARIANTS[variant])
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model({"width": args.width}).to(device)
+    if targs.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if targs.compile else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x = torch.rand(args.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    times = []
+    for i in range(args.warmup + args.iters):
+        sync(device)
+        t0 = time.perf_counter()
+        train.train_step(model, net, opt, x, y, targs)
+        sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return args.batch_size / statistics.median(times)
+
+
+def main(args):
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{name} | torch {torch.__version__} | ResNet-18 width {args.width} | batch {args.batch_size} | "
+          f"PGD-{args.steps} | median of {args.iters} steps after {args.warmup}")
+    print(f"{'loss':<8} {'precision':<28} {'images/s':>9} {'vs ce':>7}")
+    rows = []
+    for variant in args.variants:
+        base = None
+        for loss in args.losses:
+            rate = measure(loss, variant, args)
+            base = rate if loss == "ce" else base
+            overhead = f"{base / rate - 1:+7.1%}" if base and loss != "ce" else ""
+            print(f"{loss:<8} {variant:<28} {rate:9.0f} {overhead:>7}", flush=True)
+            rows.append({"loss": loss, "precision": variant, "images_per_s": rate,
+                         "time_vs_ce": base / rate if base else None})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "batch_size": args.batch_size,
+                       "width": args.width, "pgd_steps": args.steps, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -1,0 +1,206 @@
+"""Robustness of a checkpoint on the CIFAR-10 test set, with checks for the classic evaluation mistakes.
+
+    python eval.py ckpt.pt                                    # clean, FGSM, PGD-20, CW-inf, APGD-CE, APGD-T, worst
+    python eval.py ckpt.pt --n 1000 --attacks pgd20,apgd-t --json out.json
+    python eval.py ckpt.pt --attacks cw_l2                    # L2 C&W: success rate and median L2 norm
+    python eval.py ckpt.pt --eps-sweep                        # PGD-20 accuracy over eps, drawn as an SVG
+
+L-inf attacks at --eps (default 8/255) in [0, 1] pixel space, float32, model in eval mode. "worst" counts an
+image as robust only if it survives every attack that ran (the per-example worst case, as AutoAttack does).
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from attacks import apgd, cw_l2, fgsm, pgd
+from data import batches, load_cifar10
+from train import (CLIError, Parser, cli, eps_type, load_checkpoint, model_from_checkpoint, positive,
+                   save_atomic_text, svg_plot)
+
+# name -> attack at (eps, alpha); the L-inf attacks, weakest first (the order the sanity check expects).
+ATTACKS = {
+    "clean": lambda m, x, y, eps, alpha: x,
+    "fgsm": lambda m, x, y, eps, alpha: fgsm(m, x, y, eps),
+    "pgd20": lambda m, x, y, eps, alpha: pgd(m, x, y, eps, alpha, 20),
+    "cw_inf": lambda m, x, y, eps, alpha: pgd(m, x, y, eps, alpha, 30, loss="cw"),
+    "apgd_ce": lambda m, x, y, eps, alpha: apgd(m, x, y, eps, 100, loss="ce"),
+    "apgd_t": lambda m, x, y, eps, alpha: apgd(m, x, y, eps, 100, loss="dlr", targeted=True),
+}
+DEFAULT_ATTACKS = list(ATTACKS)
+ALL_NAMES = DEFAULT_ATTACKS + ["cw_l2"]
+SWEEP_EPS = [0, 1, 2, 4, 8, 12, 16, 32]  # in 1/255 units
+
+
+def attack_list(text):
+    names = [t.strip().replace("-", "_") for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in ALL_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown attack {unknown[0] if unknown else text!r}; choose from {','.join(ALL_NAMES)}")
+    return names
+
+
+def get_args(argv=None):
+    p = Parser(description="Evaluate a checkpoint's clean and adversarial accuracy on CIFAR-10.", allow_abbrev=False)
+    p.add_argument("ckpt", type=str, help="checkpoint written by train.py")
+    p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ (downloaded there when missing)")
+    p.add_argument("--n", type=positive(int), default=10000, help="evaluate the first N test images")
+    p.add_argument("--attacks", type=attack_list, default=DEFAULT_ATTACKS, help=f"comma-separated subset of {','.join(ALL_NAMES)}")
+    p.add_argument("--eps", type=eps_type, default=8 / 255, help="L-inf radius in [0, 1] pixel units (0.031 or 8/255)")
+    p.add_argument("--alpha", type=eps_type, default=2 / 255, help="PGD and CW-inf step size, pixel units")
+    p.add_argument("--batch-size", type=positive(int), default=500, help="images per attack batch")
+    p.add_argument("--json", type=str, default=None, help="write the numbers to this JSON file")
+    p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only); the default is float32")
+    p.add_argument("--eps-sweep", action="store_true", help="also PGD-20 accuracy at eps = 0..32/255, plotted to an SVG beside the checkpoint (or the JSON)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    args = p.parse_args(argv)
+    if args.alpha <= 0:
+        p.error("argument --alpha: must be > 0")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: cuda is not available on this machine; use --device cpu")
+    if args.amp and args.device != "cuda":
+        p.error("argument --amp: bf16 autocast is for --device cuda; drop --amp on the CPU")
+    return args
+
+
+def run_attack(model, x, y, attack, eps, alpha, args):
+    """Per-example correctness [N] (bool) under one L-inf attack, batch by batch; adversarials not kept."""
+    correct = []
+    for xb, yb in batches(x, y, args.batch_size):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            x_adv = attack(model, xb, yb, eps, alpha)
+            with torch.no_grad():
+                correct.append(model(x_adv).argmax(1) == yb)
+    return torch.cat(correct)
+
+
+def sanity_checks(model, x, y, acc, args):
+    """Warnings for the classic evaluation mistakes and signs of gradient masking."""
+    warn = []
+    xb, yb = x[:args.batch_size].float() / 255, y[:args.batch_size]
+    with torch.no_grad():
+        out1, out2 = model(xb), model(xb)
+    if not torch.equal(out1, out2):
+        warn.append("the model's outputs differ between two identical calls (randomness, or train mode): "
+                    "attacks on a moving target overstate robustness")
+    if out1.min() >= 0 and out1.max() <= 1 and torch.allclose(out1.sum(1), torch.ones_like(out1[:, 0]), atol=1e-3):
+        warn.append("the model outputs probabilities, not logits: softmax saturation masks gradients; return logits")
+    x_req = xb.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x_req), yb, reduction="sum"), x_req)
+    zero = (grad.flatten(1).abs().sum(1) == 0).float().mean().item()
+    if zero > 0.1:
+        warn.append(f"{zero:.0%} of images have an exactly zero input gradient: gradient masking makes "
+                    "gradient attacks fail; trust only gradient-free or adaptive attacks")
+    n0 = min(len(x), args.batch_size)
+    pgd_at_zero = run_attack(model, x[:n0], y[:n0], ATTACKS["pgd20"], 0.0, args.alpha, args).float().mean().item()
+    clean_n0 = run_attack(model, x[:n0], y[:n0], ATTACKS["clean"], 0.0, args.alpha, args).float().mean().item()
+    if pgd_at_zero != clean_n0:
+        warn.append(f"PGD at eps 0 gives {pgd_at_zero:.4f}, clean gives {clean_n0:.4f}: the attack changes images "
+                    "it must not (check clamping and the [0, 1] convention)")
+    ran = [name for name in DEFAULT_ATTACKS if name in acc]
+    for weak, strong in zip(ran, ran[1:]):
+        if acc[strong] > acc[weak] + 0.01:
+            warn.append(f"{strong} ({acc[strong]:.4f}) scores higher than the weaker {weak} ({acc[weak]:.4f}): "
+                        "a sign of gradient masking or a broken attack")
+    return warn
+
+
+def representation_report(model, x, y, args):
+    """Cosines in the backbone's feature space (what the classifier sees): clean vs PGD-20 version of the same
+    image, and between different images of the same class and of different classes."""
+    feats_clean, feats_adv = [], []
+    for xb, yb in batches(x, y, args.batch_size):
+        x_adv = pgd(model, xb, yb, args.eps, args.alpha, 20)
+        with torch.no_grad():
+            feats_clean.append(F.normalize(model.features(xb), dim=1))
+            feats_adv.append(F.normalize(model.features(x_adv), dim=1))
+    fc, fa = torch.cat(feats_clean), torch.cat(feats_adv)  # (n, D) each
+    sim = fc @ fc.T  # (n, n)
+    same = y[:, None] == y[None, :]
+    off_diag = ~torch.eye(len(y), dtype=torch.bool, device=y.device)
+    return {"clean_adv_cos": (fc * fa).sum(1).mean().item(),
+            "intra_class_cos": sim[same & off_diag].mean().item() if (same & off_diag).any() else math.nan,
+            "inter_class_cos": sim[~same].mean().item() if (~same).any() else math.nan}
+
+
+def main(args):
+    ckpt = load_checkpoint(args.ckpt)
+    device = torch.device(args.device)
+    model = model_from_checkpoint(ckpt, args.ckpt).to(device).eval()
+    _, _, x_test, y_test = load_cifar10(args.data, download=True)
+    x, y = x_test[:args.n].to(device), y_test[:args.n].to(device)
+    train_cfg = ckpt["config"].get("train", {})
+    print(f"{args.ckpt}: {train_cfg.get('loss', '?')} loss, width {ckpt['config']['model']['width']}, "
+          f"epoch {ckpt['epoch']} | {len(x)} test images | eps {args.eps:.4f} alpha {args.alpha:.4f} | "
+          f"{device}{' bf16' if args.amp else ' float32'}")
+    print(f"{'attack':<8} {'accuracy':>9} {'seconds':>8}")
+    result = {"n": len(x), "eps": args.eps, "alpha": args.alpha, "checkpoint": args.ckpt,
+              "loss": train_cfg.get("loss"), "epoch": ckpt["epoch"], "accuracy": {}}
+    correct = {}
+    for name in [a for a in DEFAULT_ATTACKS if a in args.attacks]:
+        torch.manual_seed(args.seed)  # each attack's random start is reproducible on its own
+        t0 = time.time()
+        correct[name] = run_attack(model, x, y, ATTACKS[name], args.eps, args.alpha, args)
+        result["accuracy"][name] = correct[name].float().mean().item()
+        print(f"{name:<8} {result['accuracy'][name]:9.4f} {time.time() - t0:8.1f}", flush=True)
+    if correct:
+        worst = torch.stack(list(correct.values())).all(0)
+        result["accuracy"]["worst"] = worst.float().mean().item()
+        print(f"{'worst':<8} {result['accuracy']['worst']:9.4f}")
+
+    if "cw_l2" in args.attacks:
+        t0 = time.time()
+        fooled, norms = [], []
+        for xb, yb in batches(x, y, args.batch_size):
+            with torch.no_grad():
+                right = model(xb).argmax(1) == yb
+            x_adv = cw_l2(model, xb, yb)
+            with torch.no_grad():
+                success = right & (model(x_adv).argmax(1) != yb)
+            fooled.append(success[right])
+            norms.append((x_adv - xb).flatten(1).norm(dim=1)[success])
+        fooled, norms = torch.cat(fooled), torch.cat(norms)
+        result["cw_l2"] = {"success_rate": fooled.float().mean().item() if len(fooled) else math.nan,
+                           "median_l2": norms.median().item() if len(norms) else math.nan}
+        print(f"cw_l2    success {result['cw_l2']['success_rate']:.4f} on correctly classified images, "
+              f"median L2 {result['cw_l2']['median_l2']:.4f} ({time.time() - t0:.1f} s)")
+
+    if args.eps_sweep:
+        sweep = []
+        for k in SWEEP_EPS:
+            torch.manual_seed(args.seed)
+            eps = k / 255
+            acc = run_attack(model, x, y, ATTACKS["pgd20"], eps, max(eps / 4, 1e-6), args).float().mean().item()
+            sweep.append([eps, acc])
+            print(f"eps {k:>2}/255  PGD-20 (step eps/4) {acc:.4f}", flush=True)
+        result["eps_sweep"] = sweep
+        svg = (args.json or args.ckpt).rsplit(".", 1)[0] + ".eps_sweep.svg"
+        svg_plot(svg, {"PGD-20 accuracy": [(e * 255, a) for e, a in sweep]}, "eps (x 1/255)",
+                 f"{os.path.basename(args.ckpt)}: accuracy under PGD-20")
+        print(f"wrote {svg}")
+        if sweep[-1][1] > 0.05:
+            print(f"warning: {sweep[-1][1]:.1%} accuracy remains at eps 32/255; "
+                  "accuracy should fall to ~0 at large eps, otherwise suspect gradient masking")
+
+    result["representation"] = representation_report(model, x[:1000], y[:1000], args)
+    r = result["representation"]
+    print(f"features: clean-vs-PGD cos {r['clean_adv_cos']:.4f} | intra-class cos {r['intra_class_cos']:.4f} | "
+          f"inter-class cos {r['inter_class_cos']:.4f}")
+    result["warnings"] = sanity_checks(model, x, y, result["accuracy"], args)
+    for w in result["warnings"]:
+        print(f"warning: {w}")
+    if args.json:
+        save_atomic_text(json.dumps(result, indent=2) + "\n", args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main, get_args, "eval.py")

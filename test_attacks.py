@@ -1,0 +1,349 @@
+"""Tests of attacks.py on a small model trained in conftest.py (`trained_model`). CPU only, ~30 s.
+
+    python -m pytest -q test_attacks.py
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attacks import _apgd_checkpoints, _dlr, _dlr_targeted, _margin, _project, apgd, cw_l2, fgsm, pgd
+
+EPS = 8 / 255  # the trained model is not robust here: PGD fools nearly everything
+MID_EPS = 4 / 255  # partly robust here, so stronger and weaker attacks give different accuracies
+
+# name -> attack(model, x, y, eps) with small budgets: for the contract checks, not for strength
+ATTACKS = {
+    "fgsm": lambda m, x, y, eps: fgsm(m, x, y, eps),
+    "pgd_ce": lambda m, x, y, eps: pgd(m, x, y, eps, eps / 4 + 1e-3, 5),
+    "pgd_cw": lambda m, x, y, eps: pgd(m, x, y, eps, eps / 4 + 1e-3, 5, loss="cw"),
+    "pgd_restarts": lambda m, x, y, eps: pgd(m, x, y, eps, eps / 4 + 1e-3, 3, restarts=2),
+    "apgd_ce": lambda m, x, y, eps: apgd(m, x, y, eps, steps=5),
+    "apgd_dlr": lambda m, x, y, eps: apgd(m, x, y, eps, steps=5, loss="dlr"),
+    "apgd_t": lambda m, x, y, eps: apgd(m, x, y, eps, steps=5, loss="dlr", targeted=True, n_targets=2),
+    "apgd_t_ce": lambda m, x, y, eps: apgd(m, x, y, eps, steps=5, loss="ce", targeted=True, n_targets=2),
+}
+ALL_ATTACKS = {**ATTACKS, "cw_l2": lambda m, x, y, eps: cw_l2(m, x, y, steps=3, search_steps=2)}
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def correct(model, x, y):
+    with torch.no_grad():
+        return model(x).argmax(1) == y
+
+
+# ---------------------------------------------------------------- the contract
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_linf_bound_range_dtype(trained_model, name):
+    model, x, y = trained_model
+    x, y = x[:16], y[:16]
+    x_before = x.clone()
+    x_adv = ATTACKS[name](model, x, y, MID_EPS)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and x_adv.device == x.device
+    assert not x_adv.requires_grad
+    assert torch.equal(x, x_before)  # the input is not modified in place
+    delta = (x_adv - x).abs()
+    assert delta.max().item() <= MID_EPS + 1e-6
+    assert bool((delta <= MID_EPS).all())  # exactly, in float32: rounding never puts a pixel past eps
+    assert 0 <= x_adv.min().item() and x_adv.max().item() <= 1
+    assert (delta > 0).float().mean() > 0.5  # it did perturb
+
+
+def test_cw_l2_range(trained_model):
+    model, x, y = trained_model
+    x_adv = cw_l2(model, x[:16], y[:16], steps=5, search_steps=1, lr=0.05)
+    assert x_adv.shape == x[:16].shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+    assert 0 <= x_adv.min().item() and x_adv.max().item() <= 1
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ALL_ATTACKS)
+def test_no_side_effects_on_model(trained_model, name, mode):
+    model, x, y = trained_model
+    model = copy.deepcopy(model)  # train mode updates BatchNorm statistics: keep the shared model clean
+    model.train(mode == "train")
+    ALL_ATTACKS[name](model, x[:8], y[:8], EPS)
+    assert model.training == (mode == "train")
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_eps_zero_returns_x(trained_model, name):
+    model, x, y = trained_model
+    x_adv = ATTACKS[name](model, x[:16], y[:16], 0.0)
+    assert torch.equal(x_adv, x[:16])
+
+
+def test_pgd_eps_zero_gives_clean_accuracy(trained_model):
+    model, x, y = trained_model
+    x_adv = pgd(model, x, y, eps=0.0, alpha=1 / 255, steps=5)
+    assert accuracy(model, x_adv, y) == accuracy(model, x, y)
+
+
+def test_project_never_exceeds_eps():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 16, 16, generator=generator)
+    x[:8] = 1.0 - torch.rand(8, 3, 16, 16, generator=generator) * 1e-6  # near the ends of [0, 1]
+    x[8:16] = torch.rand(8, 3, 16, 16, generator=generator) * 1e-6
+    for eps in (8 / 255, 0.031, 1e-3, 0.3):
+        x_adv = _project(x + 2 * eps * torch.randn(x.shape, generator=generator), x, eps)
+        assert bool(((x_adv - x).abs() <= eps).all())
+        assert 0 <= x_adv.min() and x_adv.max() <= 1
+
+
+# ---------------------------------------------------------------- agreement with a plain implementation
+
+
+def reference_pgd(model, x, y, eps, alpha, steps, loss):
+    """Textbook PGD without random start: requires_grad_ on a copy of the input and loss.backward()."""
+    model = copy.deepcopy(model)  # .backward() fills the copy's .grad, not the shared model's
+    x_adv = x.clone()
+    for _ in range(steps):
+        x_adv = x_adv.clone().requires_grad_(True)
+        logits = model(x_adv)
+        if loss == "ce":
+            objective = F.cross_entropy(logits, y)  # mean: the sign of the gradient is the same as for the sum
+        else:
+            true = logits[torch.arange(len(y)), y]
+            other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -1e9).max(1).values
+            objective = (other - true).sum()
+        objective.backward()
+        with torch.no_grad():
+            x_adv = x_adv + alpha * x_adv.grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+def test_pgd_matches_reference(trained_model, loss):
+    model, x, y = trained_model
+    x, y = x[:8], y[:8]
+    ours = pgd(model, x, y, MID_EPS, 1 / 255, 10, random_start=False, loss=loss)
+    ref = reference_pgd(model, x, y, MID_EPS, 1 / 255, 10, loss)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)  # the projections may round differently by one ulp
+
+
+# ---------------------------------------------------------------- strength
+
+
+def test_accuracy_non_increasing_in_eps(trained_model):
+    model, x, y = trained_model
+    accs = []
+    for eps in (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255):
+        torch.manual_seed(0)
+        accs.append(accuracy(model, pgd(model, x, y, eps, max(eps, 1e-3) / 4, 10), y))
+    assert accs == sorted(accs, reverse=True), accs
+    assert accs[0] > 0.8 and accs[-1] < 0.2, accs  # the sweep spans robust to broken
+
+
+@pytest.fixture(scope="module")
+def pgd20_mid(trained_model):
+    """PGD-20 accuracy at MID_EPS, the baseline of the strength comparisons."""
+    model, x, y = trained_model
+    torch.manual_seed(0)
+    return accuracy(model, pgd(model, x, y, MID_EPS, MID_EPS / 4, 20), y)
+
+
+def test_pgd_stronger_than_fgsm(trained_model, pgd20_mid):
+    model, x, y = trained_model
+    fgsm_acc = accuracy(model, fgsm(model, x, y, MID_EPS), y)
+    assert pgd20_mid <= fgsm_acc + 1 / len(y), (pgd20_mid, fgsm_acc)
+    assert pgd20_mid < accuracy(model, x, y)
+
+
+@pytest.mark.parametrize("loss, targeted", [("ce", False), ("dlr", True)])
+def test_apgd_at_least_as_strong_as_pgd20(trained_model, pgd20_mid, loss, targeted):
+    model, x, y = trained_model
+    x_adv = apgd(model, x, y, MID_EPS, steps=20, loss=loss, targeted=targeted, n_targets=3)
+    assert accuracy(model, x_adv, y) <= pgd20_mid + 2 / len(y), (accuracy(model, x_adv, y), pgd20_mid)
+
+
+def test_cw_inf_fools_undefended_model(trained_model):
+    model, x, y = trained_model
+    torch.manual_seed(0)
+    assert accuracy(model, pgd(model, x, y, EPS, EPS / 4, 20, loss="cw"), y) < 0.1
+
+
+@pytest.fixture(scope="module")
+def cw_runs(trained_model):
+    """cw_l2 on 32 examples with one and with three binary-search steps (deterministic: no randomness)."""
+    model, x, y = trained_model
+    x, y = x[:32], y[:32]
+    args = dict(c=0.1, steps=30, lr=0.05)
+    return x, y, cw_l2(model, x, y, search_steps=1, **args), cw_l2(model, x, y, search_steps=3, **args)
+
+
+def test_cw_l2_fools_undefended_model(trained_model, cw_runs):
+    model = trained_model[0]
+    x, y, _, x_adv = cw_runs
+    fooled = ~correct(model, x_adv, y)
+    unchanged = (x_adv == x).flatten(1).all(1)
+    assert fooled.float().mean() > 0.9
+    assert bool((fooled | unchanged).all())  # where it failed it returns x itself
+    l2 = (x_adv - x).flatten(1).norm(dim=1)[fooled]
+    assert l2.max() < 2.0  # a small perturbation: the image's own norm is ~ 9
+
+
+def test_cw_l2_keeps_smallest_over_search_steps(trained_model, cw_runs):
+    model = trained_model[0]
+    x, y, one, three = cw_runs
+    fooled_one, fooled_three = ~correct(model, one, y), ~correct(model, three, y)
+    assert bool((fooled_three | ~fooled_one).all())  # later search steps add successes, never lose them
+    l2_one, l2_three = ((a - x).flatten(1).norm(dim=1) for a in (one, three))
+    assert bool((l2_three[fooled_one] <= l2_one[fooled_one] + 1e-6).all())
+    assert fooled_three.sum() > fooled_one.sum() or bool((l2_three[fooled_one] < l2_one[fooled_one]).any())
+
+
+def test_restarts_keep_worst_case_per_example(trained_model):
+    model, x, y = trained_model
+    args = (model, x, y, MID_EPS, MID_EPS / 4, 4)
+    torch.manual_seed(1)
+    candidates = [pgd(*args, restarts=1) for _ in range(3)]  # the same random starts as restarts=3 draws
+    torch.manual_seed(1)
+    x_adv = pgd(*args, restarts=3)
+    with torch.no_grad():
+        logits = [model(c) for c in candidates]
+    fooled = torch.stack([z.argmax(1) != y for z in logits])  # (3, N)
+    losses = torch.stack([F.cross_entropy(z, y, reduction="none") for z in logits])  # (3, N)
+    same = torch.stack([(c == x_adv).flatten(1).all(1) for c in candidates])  # (3, N)
+    assert bool(same.any(0).all())  # every example comes from one of the restarts
+    pick = same.float().argmax(0)  # (N,) which restart
+    cols = torch.arange(len(y))
+    assert torch.equal(fooled[pick, cols], fooled.any(0))  # fooled by any restart stays fooled
+    unfooled = ~fooled.any(0)
+    assert unfooled.any() and fooled.any(0).any()  # a mix, or the check below proves nothing
+    assert torch.equal(losses[pick, cols][unfooled], losses.max(0).values[unfooled])
+    assert accuracy(model, x_adv, y) <= accuracy(model, candidates[0], y)
+
+
+# ---------------------------------------------------------------- losses and the APGD schedule
+
+
+def test_margin_and_dlr_values():
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, 0.5]])
+    y = torch.tensor([0, 0])
+    assert torch.equal(_margin(logits, y), torch.tensor([2.0, -2.0]))
+    torch.testing.assert_close(_dlr(logits, y), torch.tensor([-2.0 / 3.0, 2.0 / 1.5]))
+    # DLR is invariant to shifting and positively scaling the logits
+    torch.testing.assert_close(_dlr(5 * logits - 7, y), _dlr(logits, y))
+    target = torch.tensor([1, 2])  # -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)
+    torch.testing.assert_close(_dlr_targeted(logits, y, target), torch.tensor([-2.0 / 3.5, 1.0 / 1.75]))
+
+
+def test_apgd_checkpoints():
+    assert _apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # p_j = 0.22, 0.41, ... of the paper
+    for steps in (1, 5, 10, 20, 37):
+        points = _apgd_checkpoints(steps)
+        assert points == sorted(set(points)) and all(1 <= p <= steps for p in points)
+
+
+def test_apgd_deterministic_and_seeded(trained_model):
+    model, x, y = trained_model
+    x, y = x[:16], y[:16]
+    rng_state = torch.get_rng_state()
+    for kwargs in (dict(loss="ce"), dict(loss="dlr", targeted=True, n_targets=2)):
+        a = apgd(model, x, y, MID_EPS, steps=5, seed=3, **kwargs)
+        b = apgd(model, x, y, MID_EPS, steps=5, seed=3, **kwargs)
+        c = apgd(model, x, y, MID_EPS, steps=5, seed=4, **kwargs)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # its own generator: the global one is untouched
+
+
+# ---------------------------------------------------------------- calling contexts
+
+
+@pytest.mark.parametrize("name", ALL_ATTACKS)
+def test_same_result_inside_no_grad(trained_model, name):
+    model, x, y = trained_model
+    x, y = x[:8], y[:8]
+    torch.manual_seed(0)
+    outside = ALL_ATTACKS[name](model, x, y, MID_EPS)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        inside = ALL_ATTACKS[name](model, x, y, MID_EPS)
+    assert torch.equal(inside, outside)
+
+
+def test_input_requiring_grad(trained_model):
+    model, x, y = trained_model
+    x = x[:8].clone().requires_grad_(True)
+    x_adv = pgd(model, x, y[:8], MID_EPS, MID_EPS / 4, 2)
+    assert not x_adv.requires_grad and x.grad is None
+
+
+def test_under_autocast(trained_model):
+    model, x, y = trained_model
+    x, y = x[:16], y[:16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = pgd(model, x, y, EPS, EPS / 4, 10)
+    assert x_adv.dtype == torch.float32
+    assert bool(((x_adv - x).abs() <= EPS).all())
+    assert accuracy(model, x_adv, y) < 0.5
+
+
+# ---------------------------------------------------------------- bad arguments
+
+
+class _MustNotRun(nn.Module):
+    """The arguments are checked before any forward pass."""
+
+    def forward(self, x):
+        raise AssertionError("the model ran before the arguments were checked")
+
+
+_X, _Y = torch.full((2, 3, 4, 4), 0.5), torch.zeros(2, dtype=torch.int64)
+BAD = [
+    (fgsm, dict(eps=-0.1), "eps"),
+    (fgsm, dict(eps=math.nan), "eps"),
+    (fgsm, dict(eps=math.inf), "eps"),
+    (pgd, dict(eps=0.03, alpha=0.0, steps=1), "alpha"),
+    (pgd, dict(eps=0.03, alpha=-0.01, steps=1), "alpha"),
+    (pgd, dict(eps=-0.03, alpha=0.01, steps=1), "eps"),
+    (pgd, dict(eps=0.03, alpha=0.01, steps=0), "steps"),
+    (pgd, dict(eps=0.03, alpha=0.01, steps=2.5), "steps"),
+    (pgd, dict(eps=0.03, alpha=0.01, steps=1, restarts=0), "restarts"),
+    (pgd, dict(eps=0.03, alpha=0.01, steps=1, loss="dlr"), "loss"),
+    (apgd, dict(eps=0.03, loss="cw"), "loss"),
+    (apgd, dict(eps=0.03, steps=0), "steps"),
+    (apgd, dict(eps=0.03, n_targets=0), "n_targets"),
+    (apgd, dict(eps=math.nan), "eps"),
+    (cw_l2, dict(c=0.0), "c"),
+    (cw_l2, dict(c=-1.0), "c"),
+    (cw_l2, dict(kappa=-1.0), "kappa"),
+    (cw_l2, dict(steps=0), "steps"),
+    (cw_l2, dict(lr=0.0), "lr"),
+    (cw_l2, dict(search_steps=0), "search_steps"),
+]
+EPS_KW = {fgsm: dict(eps=0.03), pgd: dict(eps=0.03, alpha=0.01, steps=1), apgd: dict(eps=0.03), cw_l2: {}}
+for _fn, _kw in EPS_KW.items():
+    BAD += [
+        (_fn, dict(_kw, x=_X[0]), "x must be a 4-D"),
+        (_fn, dict(_kw, x=_X + 0.6), r"x must lie in \[0, 1\]"),
+        (_fn, dict(_kw, x=torch.full_like(_X, math.nan)), r"x must lie in \[0, 1\]"),
+        (_fn, dict(_kw, y=_Y[:1]), "y must be int64 of shape"),
+        (_fn, dict(_kw, y=_Y[:, None]), "y must be int64 of shape"),
+        (_fn, dict(_kw, y=_Y.int()), "y must be int64 of shape"),
+    ]
+
+
+@pytest.mark.parametrize("fn, kwargs, match", BAD, ids=[f"{fn.__name__}-{m}-{i}" for i, (fn, _, m) in enumerate(BAD)])
+def test_bad_arguments_raise(fn, kwargs, match):
+    kwargs = {"x": _X, "y": _Y, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        fn(_MustNotRun(), **kwargs)
+
+
+def test_apgd_dlr_needs_enough_classes():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))  # 3 classes: the targeted DLR reads z_pi4
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        apgd(model, _X, _Y, 0.03, steps=1, loss="dlr", targeted=True)
+    apgd(model, _X, _Y, 0.03, steps=1, loss="dlr")  # untargeted DLR needs only 3

@@ -1,0 +1,197 @@
+"""End-to-end tests of train.py and eval.py as users run them (subprocesses on a tiny data set in the official
+format), resume equivalence, and the bad-input cases: one line on stderr, exit status 2, nothing lost."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from test_data import make_cifar
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--width", "4", "--val", "20", "--limit", "64", "--batch-size", "32", "--steps", "2", "--device", "cpu"]
+
+
+def run(script, *args, timeout=120, **env):
+    """Run a CLI with no network: any download goes to a closed loopback proxy and fails at once."""
+    environ = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+               "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=environ, cwd=HERE)
+
+
+def md5(path):
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One real training run of 1 epoch (the module's tests read its outputs)."""
+    root = tmp_path_factory.mktemp("e2e")
+    make_cifar(root)
+    out = root / "run" / "ckpt.pt"  # a folder that does not exist yet
+    r = run("train.py", "--data", root, "--epochs", "1", "--out", out, *TINY)
+    assert r.returncode == 0, r.stderr
+    return root, out, r.stdout
+
+
+def assert_user_error(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert "Traceback" not in r.stderr and len(errors) == 1, r.stderr  # progress lines may precede it
+    for word in words:
+        assert word in r.stderr, r.stderr
+
+
+def test_train_writes_checkpoint_log_plot(trained):
+    root, out, stdout = trained
+    ckpt = torch.load(out, weights_only=True)
+    assert set(ckpt) >= {"model", "optimizer", "epoch", "config", "metrics"} and ckpt["epoch"] == 1
+    assert ckpt["config"]["train"]["loss"] == "anchor" and ckpt["config"]["model"]["width"] == 4
+    best = torch.load(root / "run" / "ckpt.best.pt", weights_only=True)
+    assert best["epoch"] == 1
+    rows = [json.loads(line) for line in open(root / "run" / "ckpt.jsonl")]
+    assert len(rows) == 1 and 0 <= rows[0]["val_pgd"] <= rows[0]["val_clean"] <= 1 and rows[0]["loss"] > 0
+    svg = (root / "run" / "ckpt.svg").read_text()
+    assert svg.startswith("<svg") and "polyline" in svg and svg.rstrip().endswith("</svg>")
+    assert "val_pgd" in stdout and "saved" in stdout
+
+
+def test_eval_json(trained, tmp_path):
+    root, out, _ = trained
+    j = tmp_path / "eval.json"
+    r = run("eval.py", out, "--data", root, "--n", 20, "--device", "cpu", "--json", j, "--eps-sweep")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(j.read_text())
+    acc = result["accuracy"]
+    assert result["n"] == 20 and result["eps"] == pytest.approx(8 / 255) and result["loss"] == "anchor"
+    assert set(acc) == {"clean", "fgsm", "pgd20", "cw_inf", "apgd_ce", "apgd_t", "worst"}
+    assert all(0 <= a <= 1 for a in acc.values())
+    assert acc["worst"] <= min(v for k, v in acc.items() if k != "worst")
+    assert acc["worst"] * 20 == pytest.approx(round(acc["worst"] * 20))  # a count of images
+    sweep = result["eps_sweep"]
+    assert sweep[0] == [0, acc["clean"]] and all(b[1] <= a[1] + 0.1 for a, b in zip(sweep, sweep[1:]))
+    assert os.path.exists(str(j).rsplit(".", 1)[0] + ".eps_sweep.svg")
+    rep = result["representation"]
+    assert -1 <= rep["inter_class_cos"] <= 1 and -1 <= rep["clean_adv_cos"] <= 1
+    for name in ("clean", "apgd_t", "worst"):
+        assert name in r.stdout
+
+
+def test_eval_subset_and_cw_l2(trained, tmp_path):
+    root, out, _ = trained
+    j = tmp_path / "sub.json"
+    r = run("eval.py", out, "--data", root, "--n", 10, "--attacks", "clean,apgd-ce,cw_l2", "--json", j,
+            "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(j.read_text())
+    assert set(result["accuracy"]) == {"clean", "apgd_ce", "worst"}
+    assert 0 <= result["cw_l2"]["success_rate"] <= 1
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """Ctrl-C mid-epoch, then --resume: the same weights as a run never stopped (CPU, fixed seed)."""
+    make_cifar(tmp_path)
+    common = ["--data", str(tmp_path), "--epochs", "2", "--finetune-epochs", "1", "--loss", "anchor", *TINY]
+    assert train.main(train.get_args(common + ["--out", str(tmp_path / "a.pt")])) == 0
+
+    real_batches = train.batches
+    def interrupted(*args, **kwargs):  # Ctrl-C after the first step of the second epoch
+        for i, batch in enumerate(real_batches(*args, **kwargs)):
+            if kwargs.get("shuffle_seed", 0) % 100003 == 1 and i == 0:
+                signal.raise_signal(signal.SIGINT)
+            yield batch
+    monkeypatch.setattr(train, "batches", interrupted)
+    assert train.main(train.get_args(common + ["--out", str(tmp_path / "b.pt")])) == 130
+    stopped = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["step_in_epoch"]) == (1, 1)
+    monkeypatch.setattr(train, "batches", real_batches)
+    assert train.main(train.get_args(["--resume", "--out", str(tmp_path / "b.pt"), "--data", str(tmp_path)])) == 0
+
+    a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["metrics"]["history"][-1]["val_pgd"] == b["metrics"]["history"][-1]["val_pgd"]
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    make_cifar(tmp_path)
+    out = tmp_path / "c.pt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--data", str(tmp_path), "--epochs",
+                          "200", "--out", str(out), *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, cwd=HERE)
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline:  # after the first epoch's checkpoint
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "--resume" in stdout
+    assert torch.load(out, weights_only=True)["epoch"] >= 1
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path):
+    make_cifar(tmp_path)
+    r = run("train.py", "--data", tmp_path, "--epochs", "2", "--lr", "1e30", "--out", tmp_path / "n.pt", *TINY)
+    assert_user_error(r, "non-finite", "--lr")
+    assert not (tmp_path / "n.pt").exists()
+
+
+def test_existing_checkpoint_is_never_overwritten(trained):
+    root, out, _ = trained
+    before = md5(out)
+    r = run("train.py", "--data", root, "--epochs", "1", "--out", out, *TINY)
+    assert_user_error(r, "exists", "--resume")
+    assert md5(out) == before
+    r = run("train.py", "--data", root, "--resume", "--lr", "0.5", "--out", out, *TINY)
+    assert_user_error(r, "--lr")
+    assert md5(out) == before
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--eps", "-0.1"], ["--eps"]), (["--eps", "abc"], ["--eps"]), (["--steps", "0"], ["--steps"]),
+    (["--batch-size", "0"], ["--batch-size"]), (["--loss", "bogus"], ["--loss"]), (["--val", "-1"], ["--val"]),
+    (["--limit", "100000"], ["--limit"]), (["--batch-size", "4096"], ["--batch-size"]),
+])
+def test_train_bad_flags(trained, tmp_path, flags, words):
+    root, _, _ = trained
+    r = run("train.py", "--data", root, "--out", tmp_path / "x.pt", *TINY, *flags)
+    assert_user_error(r, *words)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_missing_data_without_network(tmp_path):
+    r = run("train.py", "--data", tmp_path / "nowhere", "--out", tmp_path / "x.pt", *TINY)
+    assert_user_error(r, "by hand", "--data")
+    r = run("eval.py", tmp_path / "none.pt", "--data", tmp_path)
+    assert_user_error(r, "none.pt")
+
+
+def test_eval_bad_checkpoints(trained, tmp_path):
+    root, out, _ = trained
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(out.read_bytes()[:1000])
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    other_arch = tmp_path / "other.pt"
+    ckpt = torch.load(out, weights_only=True)
+    ckpt["config"]["model"]["width"] = 8  # the weights are width 4
+    torch.save(ckpt, other_arch)
+    for path, word in ((tmp_path / "missing.pt", "does not exist"), (truncated, "cannot be read"),
+                       (text, "cannot be read"), (foreign, "not a checkpoint"), (other_arch, "does not fit")):
+        r = run("eval.py", path, "--data", root, "--n", "5", "--device", "cpu")
+        assert_user_error(r, path.name, word)
+    for flags, word in ((["--eps", "-1"], "--eps"), (["--n", "0"], "--n"), (["--batch-size", "0"], "--batch-size"),
+                        (["--attacks", "clean,bogus"], "bogus"), (["--alpha", "0"], "--alpha")):
+        assert_user_error(run("eval.py", out, "--data", root, *flags), word)
