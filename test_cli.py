@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import eval as eval_cli
 import train
 from test_data import make_cifar
 
@@ -24,6 +25,14 @@ def run(script, *args, timeout=120, **env):
                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=environ, cwd=HERE)
+
+
+def run_here(module, *args, capsys):
+    """The CLI's own entry point in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_:
+        module.cli(module.main, lambda: module.get_args([str(a) for a in args]), module.__name__ + ".py")
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_.value.code, out.out, out.err)
 
 
 def md5(path):
@@ -85,11 +94,11 @@ def test_eval_json(trained, tmp_path):
         assert name in r.stdout
 
 
-def test_eval_subset_and_cw_l2(trained, tmp_path):
+def test_eval_subset_and_cw_l2(trained, tmp_path, capsys):
     root, out, _ = trained
     j = tmp_path / "sub.json"
-    r = run("eval.py", out, "--data", root, "--n", 10, "--attacks", "clean,apgd-ce,cw_l2", "--json", j,
-            "--device", "cpu")
+    r = run_here(eval_cli, out, "--data", root, "--n", 10, "--attacks", "clean,apgd-ce,cw_l2", "--json", j,
+                 "--device", "cpu", capsys=capsys)
     assert r.returncode == 0, r.stderr
     result = json.loads(j.read_text())
     assert set(result["accuracy"]) == {"clean", "apgd_ce", "worst"}
@@ -139,20 +148,21 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     assert torch.load(out, weights_only=True)["epoch"] >= 1
 
 
-def test_non_finite_loss_stops_with_a_message(tmp_path):
+def test_non_finite_loss_stops_with_a_message(tmp_path, capsys):
     make_cifar(tmp_path)
-    r = run("train.py", "--data", tmp_path, "--epochs", "2", "--lr", "1e30", "--out", tmp_path / "n.pt", *TINY)
+    r = run_here(train, "--data", tmp_path, "--epochs", "2", "--lr", "1e30", "--out", tmp_path / "n.pt", *TINY,
+                 capsys=capsys)
     assert_user_error(r, "non-finite", "--lr")
     assert not (tmp_path / "n.pt").exists()
 
 
-def test_existing_checkpoint_is_never_overwritten(trained):
+def test_existing_checkpoint_is_never_overwritten(trained, capsys):
     root, out, _ = trained
     before = md5(out)
-    r = run("train.py", "--data", root, "--epochs", "1", "--out", out, *TINY)
+    r = run("train.py", "--data", root, "--epochs", "1", "--out", out, *TINY)  # the real CLI, once
     assert_user_error(r, "exists", "--resume")
     assert md5(out) == before
-    r = run("train.py", "--data", root, "--resume", "--lr", "0.5", "--out", out, *TINY)
+    r = run_here(train, "--data", root, "--resume", "--lr", "0.5", "--out", out, *TINY, capsys=capsys)
     assert_user_error(r, "--lr")
     assert md5(out) == before
 
@@ -161,22 +171,22 @@ def test_existing_checkpoint_is_never_overwritten(trained):
     (["--eps", "-0.1"], ["--eps"]), (["--eps", "abc"], ["--eps"]), (["--steps", "0"], ["--steps"]),
     (["--batch-size", "0"], ["--batch-size"]), (["--loss", "bogus"], ["--loss"]), (["--val", "-1"], ["--val"]),
     (["--limit", "100000"], ["--limit"]), (["--batch-size", "4096"], ["--batch-size"]),
+    (["--beta", "-1"], ["--beta"]), (["--device", "tpu"], ["--device"]),
 ])
-def test_train_bad_flags(trained, tmp_path, flags, words):
+def test_train_bad_flags(trained, tmp_path, capsys, flags, words):
     root, _, _ = trained
-    r = run("train.py", "--data", root, "--out", tmp_path / "x.pt", *TINY, *flags)
+    r = run_here(train, "--data", root, "--out", tmp_path / "x.pt", *TINY, *flags, capsys=capsys)
     assert_user_error(r, *words)
     assert not (tmp_path / "x.pt").exists()
 
 
-def test_missing_data_without_network(tmp_path):
+def test_missing_data_without_network(tmp_path, capsys):
     r = run("train.py", "--data", tmp_path / "nowhere", "--out", tmp_path / "x.pt", *TINY)
     assert_user_error(r, "by hand", "--data")
-    r = run("eval.py", tmp_path / "none.pt", "--data", tmp_path)
-    assert_user_error(r, "none.pt")
+    assert not (tmp_path / "x.pt").exists()
 
 
-def test_eval_bad_checkpoints(trained, tmp_path):
+def test_eval_bad_checkpoints(trained, tmp_path, capsys):
     root, out, _ = trained
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(out.read_bytes()[:1000])
@@ -188,10 +198,11 @@ def test_eval_bad_checkpoints(trained, tmp_path):
     ckpt = torch.load(out, weights_only=True)
     ckpt["config"]["model"]["width"] = 8  # the weights are width 4
     torch.save(ckpt, other_arch)
-    for path, word in ((tmp_path / "missing.pt", "does not exist"), (truncated, "cannot be read"),
-                       (text, "cannot be read"), (foreign, "not a checkpoint"), (other_arch, "does not fit")):
-        r = run("eval.py", path, "--data", root, "--n", "5", "--device", "cpu")
+    assert_user_error(run("eval.py", truncated, "--data", root), "truncated.pt", "cannot be read")  # the real CLI
+    for path, word in ((tmp_path / "missing.pt", "does not exist"), (text, "cannot be read"),
+                       (foreign, "not a checkpoint"), (other_arch, "does not fit")):
+        r = run_here(eval_cli, path, "--data", root, "--n", "5", "--device", "cpu", capsys=capsys)
         assert_user_error(r, path.name, word)
     for flags, word in ((["--eps", "-1"], "--eps"), (["--n", "0"], "--n"), (["--batch-size", "0"], "--batch-size"),
                         (["--attacks", "clean,bogus"], "bogus"), (["--alpha", "0"], "--alpha")):
-        assert_user_error(run("eval.py", out, "--data", root, *flags), word)
+        assert_user_error(run_here(eval_cli, out, "--data", root, *flags, capsys=capsys), word)
