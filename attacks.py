@@ -130,7 +130,8 @@ def fgsm(model, x, y, eps):
 def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, loss="ce"):
     """L-inf PGD (Madry et al. 2018): `steps` signed-gradient steps of size alpha, projected on the eps-ball.
 
-    loss='ce' ascends cross-entropy; loss='cw' ascends the Carlini-Wagner margin max_{i!=y} z_i - z_y (CW-inf).
+    loss='ce' ascends cross-entropy; loss='cw' ascends the Carlini-Wagner margin max_{i!=y} z_i - z_y (CW-inf);
+    a callable loss(logits [N, K] float32, y) -> [N] is ascended as it is.
     random_start draws the start uniformly in the ball (from torch's global generator). With restarts > 1 each
     example keeps its worst case: fooled by any restart stays fooled, otherwise the restart of highest loss.
     """
@@ -139,8 +140,11 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, loss="ce"
     alpha = _check_number("alpha", alpha, positive=True)
     _check_count("steps", steps)
     _check_count("restarts", restarts)
-    _check_choice("loss", loss, ("ce", "cw"))
-    loss_fn = _ce if loss == "ce" else _neg_margin
+    if callable(loss):  # e.g. TRADES's KL to the clean prediction, in train.py
+        loss_fn = loss
+    else:
+        _check_choice("loss", loss, ("ce", "cw"))
+        loss_fn = _ce if loss == "ce" else _neg_margin
     best = best_fooled = best_loss = None
     for _ in range(restarts):
         x_adv = x

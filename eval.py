@@ -1,7 +1,7 @@
 """Robustness of a checkpoint on the CIFAR-10 test set, with checks for the classic evaluation mistakes.
 
     python eval.py ckpt.pt                                    # clean, FGSM, PGD-20, CW-inf, APGD-CE, APGD-T, worst
-    python eval.py ckpt.pt --n 1000 --attacks pgd20,apgd-t --json out.json
+    python eval.py ckpt.pt --n 1000 --attacks pgd20,apgd-t --json out.json   # a fixed 1000-image subset
     python eval.py ckpt.pt --attacks cw_l2                    # L2 C&W: success rate and median L2 norm
     python eval.py ckpt.pt --eps-sweep                        # PGD-20 accuracy over eps, drawn as an SVG
 
@@ -48,7 +48,7 @@ def get_args(argv=None):
     p = Parser(description="Evaluate a checkpoint's clean and adversarial accuracy on CIFAR-10.", allow_abbrev=False)
     p.add_argument("ckpt", type=str, help="checkpoint written by train.py")
     p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ (downloaded there when missing)")
-    p.add_argument("--n", type=positive(int), default=10000, help="evaluate the first N test images")
+    p.add_argument("--n", type=positive(int), default=10000, help="evaluate N test images (a fixed subset spread over the test set; all 10000 by default)")
     p.add_argument("--attacks", type=attack_list, default=DEFAULT_ATTACKS, help=f"comma-separated subset of {','.join(ALL_NAMES)}")
     p.add_argument("--eps", type=eps_type, default=8 / 255, help="L-inf radius in [0, 1] pixel units (0.031 or 8/255)")
     p.add_argument("--alpha", type=eps_type, default=2 / 255, help="PGD and CW-inf step size, pixel units")
@@ -130,12 +130,24 @@ def representation_report(model, x, y, args):
             "inter_class_cos": sim[~same].mean().item() if (~same).any() else math.nan}
 
 
+def json_safe(value):
+    """NaN (an empty set measured nothing) as null: strict JSON readers reject NaN."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def main(args):
     ckpt = load_checkpoint(args.ckpt)
     device = torch.device(args.device)
     model = model_from_checkpoint(ckpt, args.ckpt).to(device).eval()
     _, _, x_test, y_test = load_cifar10(args.data, download=True)
-    x, y = x_test[:args.n].to(device), y_test[:args.n].to(device)
+    # A fixed subset spread over the whole test set: the same images every run, and no single class even
+    # where a copy stores the test set sorted by class (the JPEG copy in shared/ does).
+    subset = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(0))[:args.n].sort().values
+    x, y = x_test[subset].to(device), y_test[subset].to(device)
     train_cfg = ckpt["config"].get("train", {})
     print(f"{args.ckpt}: {train_cfg.get('loss', '?')} loss, width {ckpt['config']['model']['width']}, "
           f"epoch {ckpt['epoch']} | {len(x)} test images | eps {args.eps:.4f} alpha {args.alpha:.4f} | "
@@ -167,7 +179,8 @@ def main(args):
             fooled.append(success[right])
             norms.append((x_adv - xb).flatten(1).norm(dim=1)[success])
         fooled, norms = torch.cat(fooled), torch.cat(norms)
-        result["cw_l2"] = {"success_rate": fooled.float().mean().item() if len(fooled) else math.nan,
+        result["cw_l2"] = {"attacked": len(fooled),  # the correctly classified images
+                           "success_rate": fooled.float().mean().item() if len(fooled) else math.nan,
                            "median_l2": norms.median().item() if len(norms) else math.nan}
         print(f"cw_l2    success {result['cw_l2']['success_rate']:.4f} on correctly classified images, "
               f"median L2 {result['cw_l2']['median_l2']:.4f} ({time.time() - t0:.1f} s)")
@@ -197,7 +210,7 @@ def main(args):
     for w in result["warnings"]:
         print(f"warning: {w}")
     if args.json:
-        save_atomic_text(json.dumps(result, indent=2) + "\n", args.json)
+        save_atomic_text(json.dumps(json_safe(result), indent=2) + "\n", args.json)
         print(f"wrote {args.json}")
     return 0
 

@@ -102,7 +102,9 @@ def test_eval_subset_and_cw_l2(trained, tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     result = json.loads(j.read_text())
     assert set(result["accuracy"]) == {"clean", "apgd_ce", "worst"}
-    assert 0 <= result["cw_l2"]["success_rate"] <= 1
+    cw = result["cw_l2"]
+    assert cw["attacked"] == round(result["accuracy"]["clean"] * 10)
+    assert 0 <= cw["success_rate"] <= 1 if cw["attacked"] else cw["success_rate"] is None
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
@@ -206,3 +208,27 @@ def test_eval_bad_checkpoints(trained, tmp_path, capsys):
     for flags, word in ((["--eps", "-1"], "--eps"), (["--n", "0"], "--n"), (["--batch-size", "0"], "--batch-size"),
                         (["--attacks", "clean,bogus"], "bogus"), (["--alpha", "0"], "--alpha")):
         assert_user_error(run_here(eval_cli, out, "--data", root, *flags, capsys=capsys), word)
+
+
+@pytest.mark.parametrize("loss", train.LOSSES)
+def test_train_step_every_loss(loss):
+    """One step of each loss updates the model with a finite loss; a fine-tuning step moves the classifier only
+    (backbone weights and BatchNorm statistics frozen)."""
+    torch.manual_seed(0)
+    args = train.get_args(["--loss", loss, *TINY])
+    model = train.build_model({"width": 4})
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    total, parts, logits_adv, logits_clean = train.train_step(model, model, opt, x, y, args)
+    assert torch.isfinite(total) and (parts[1].item() > 0 if loss != "ce" else parts[1].item() == 0)
+    assert (logits_clean is None) == (loss == "ce") and logits_adv.shape == (16, 10)
+    assert not torch.equal(before["conv1.weight"], model.conv1.weight)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.backbone_parameters():
+        p.requires_grad_(False)
+    train.train_step(model, model, torch.optim.SGD(model.classifier.parameters(), lr=0.1), x, y, args, finetune=True)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"classifier.weight", "classifier.bias"}

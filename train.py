@@ -146,7 +146,13 @@ def train_step(model, net, opt, x, y, args, finetune=False):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp):
         model.eval()  # attack the model as it predicts (BatchNorm running statistics untouched)
-        x_adv = pgd(net, x, y, args.eps, args.alpha, args.steps)
+        attack_loss = "ce"
+        if args.loss == "trades":  # TRADES's attack ascends KL(clean prediction || adversarial prediction)
+            with torch.no_grad():
+                clean_logp = F.log_softmax(net(x).float(), 1)
+            attack_loss = lambda logits, y: F.kl_div(F.log_softmax(logits, 1), clean_logp, reduction="none",
+                                                     log_target=True).sum(1)
+        x_adv = pgd(net, x, y, args.eps, args.alpha, args.steps, loss=attack_loss)
         model.train(not finetune)  # fine-tuning keeps the frozen backbone's BatchNorm in eval mode
         loss, parts, logits_adv, logits_clean = training_loss(net, x, x_adv, y, args)
     opt.zero_grad(set_to_none=True)
