@@ -232,3 +232,13 @@ def test_train_step_every_loss(loss):
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"classifier.weight", "classifier.bias"}
+
+
+def test_bench_runs_the_training_step(tmp_path):
+    """bench.py measures train.py's own step (a smoke test; speed itself is never asserted)."""
+    import bench
+    j = tmp_path / "bench.json"
+    bench.main(bench.get_args(["--device", "cpu", "--width", "4", "--batch-size", "8", "--steps", "1",
+                               "--warmup", "0", "--iters", "1", "--json", str(j)]))
+    table = json.loads(j.read_text())
+    assert [r["loss"] for r in table["rows"]] == ["ce", "anchor"] and all(r["images_per_s"] > 0 for r in table["rows"])
