@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from attacks import apgd, cw_l2, fgsm, pgd
 from data import batches, load_cifar10
 from train import (CLIError, Parser, cli, eps_type, load_checkpoint, model_from_checkpoint, positive,
-                   save_atomic_text, svg_plot)
+                   resolve_device, save_atomic_text, svg_plot)
 
 # name -> attack at (eps, alpha); the L-inf attacks, weakest first (the order the sanity check expects).
 ATTACKS = {
@@ -61,12 +61,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.alpha <= 0:
         p.error("argument --alpha: must be > 0")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("argument --device: cuda is not available on this machine; use --device cpu")
-    if args.amp and args.device != "cuda":
-        p.error("argument --amp: bf16 autocast is for --device cuda; drop --amp on the CPU")
+    resolve_device(p, args)
     return args
 
 

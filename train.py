@@ -66,6 +66,16 @@ def non_negative_int(text):
     return value
 
 
+def resolve_device(parser, args):
+    """--device defaults to cuda when available; --amp is bf16 autocast on CUDA only."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda is not available on this machine; use --device cpu")
+    if args.amp and args.device != "cuda":
+        parser.error("argument --amp: bf16 autocast is for --device cuda; drop --amp on the CPU")
+
+
 def get_args(argv=None):
     p = Parser(description="Adversarial training on CIFAR-10 with the ANCHOR loss.", allow_abbrev=False)
     p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ (downloaded there when missing)")
@@ -98,12 +108,7 @@ def get_args(argv=None):
         args.lam = 6.0 if args.loss == "trades" else 1.0
     if args.lam < 0:
         p.error(f"argument --lam: must be >= 0, got {args.lam}")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("argument --device: cuda is not available on this machine; use --device cpu")
-    if args.amp and args.device != "cuda":
-        p.error("argument --amp: bf16 autocast is for --device cuda; drop --amp on the CPU")
+    resolve_device(p, args)
     # Which flags the user typed (not defaults): --resume refuses those that contradict the checkpoint.
     typed = {t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")}
     args.explicit = {a.dest for a in p._actions if typed & set(a.option_strings)}
