@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from attacks import apgd, cw_l2, fgsm, pgd
 from data import batches, load_cifar10
-from train import (CLIError, Parser, cli, eps_type, load_checkpoint, model_from_checkpoint, positive,
+from train import (Parser, cli, eps_type, load_checkpoint, model_from_checkpoint, positive,
                    resolve_device, save_atomic_text, svg_plot)
 
 # name -> attack at (eps, alpha); the L-inf attacks, weakest first (the order the sanity check expects).
