@@ -8,7 +8,6 @@ The step is train.py's own `train_step` (imported, not copied). Each figure is t
 after warm-up, with the device synchronized around every timed step; the data are random images on the
 device, since the content does not change the work.
 """
-import argparse
 import json
 import statistics
 import time
@@ -28,18 +27,19 @@ VARIANTS = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Training-step throughput of train.py.")
+    p = train.Parser(description="Training-step throughput of train.py.", allow_abbrev=False)
     p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 512 on CUDA, 32 on the CPU)")
-    p.add_argument("--width", type=int, default=None, help="ResNet-18 width (default 64 on CUDA, 8 on the CPU)")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps of the training attack")
+    p.add_argument("--batch-size", type=train.positive(int), default=None, help="images per step (default 512 on CUDA, 32 on the CPU)")
+    p.add_argument("--width", type=train.positive(int), default=None, help="ResNet-18 width (default 64 on CUDA, 8 on the CPU)")
+    p.add_argument("--steps", type=train.positive(int), default=10, help="PGD steps of the training attack")
     p.add_argument("--variants", type=str, default=None, help=f"comma-separated subset of {','.join(VARIANTS)} (default: all on CUDA, fp32 on the CPU)")
     p.add_argument("--losses", type=str, default="ce,anchor", help="comma-separated train.py --loss values")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 2 on the CPU; compile needs them)")
-    p.add_argument("--iters", type=int, default=None, help="timed steps (default 30 on CUDA, 5 on the CPU)")
+    p.add_argument("--warmup", type=train.non_negative(int), default=None, help="untimed steps first (default 10 on CUDA, 2 on the CPU; compile needs them)")
+    p.add_argument("--iters", type=train.positive(int), default=None, help="timed steps (default 30 on CUDA, 5 on the CPU)")
     p.add_argument("--json", type=str, default=None, help="write the table to this JSON file")
     args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.amp = False
+    train.resolve_device(p, args)
     cuda = args.device == "cuda"
     args.batch_size = args.batch_size or (512 if cuda else 32)
     args.width = args.width or (64 if cuda else 8)
@@ -50,6 +50,11 @@ def get_args(argv=None):
     for v in args.variants:
         if v not in VARIANTS:
             p.error(f"argument --variants: unknown {v!r}; choose from {','.join(VARIANTS)}")
+        if "bf16" in v and not cuda:
+            p.error(f"argument --variants: {v} needs --device cuda (bf16 autocast is for CUDA)")
+    for loss in args.losses:
+        if loss not in train.LOSSES:
+            p.error(f"argument --losses: unknown {loss!r}; choose from {','.join(train.LOSSES)}")
     return args
 
 
@@ -99,10 +104,11 @@ def main(args):
             rows.append({"loss": loss, "precision": variant, "images_per_s": rate,
                          "time_vs_ce": base / rate if base else None})
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "batch_size": args.batch_size,
-                       "width": args.width, "pgd_steps": args.steps, "rows": rows}, f, indent=2)
+        table = {"device": name, "torch": torch.__version__, "batch_size": args.batch_size, "width": args.width,
+                 "pgd_steps": args.steps, "warmup": args.warmup, "iters": args.iters, "rows": rows}
+        train.save_atomic_text(json.dumps(table, indent=2) + "\n", args.json)
+    return 0
 
 
 if __name__ == "__main__":
-    main(get_args())
+    train.cli(main, get_args, "bench.py")

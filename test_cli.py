@@ -51,6 +51,10 @@ def trained(tmp_path_factory):
     return root, out, r.stdout
 
 
+def strict(name):
+    raise AssertionError(f"{name} in a JSON file: not strict JSON")
+
+
 def assert_user_error(r, *words):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
@@ -66,7 +70,7 @@ def test_train_writes_checkpoint_log_plot(trained):
     assert ckpt["config"]["train"]["loss"] == "anchor" and ckpt["config"]["model"]["width"] == 4
     best = torch.load(root / "run" / "ckpt.best.pt", weights_only=True)
     assert best["epoch"] == 1
-    rows = [json.loads(line) for line in open(root / "run" / "ckpt.jsonl")]
+    rows = [json.loads(line, parse_constant=strict) for line in open(root / "run" / "ckpt.jsonl")]
     assert len(rows) == 1 and 0 <= rows[0]["val_pgd"] <= rows[0]["val_clean"] <= 1 and rows[0]["loss"] > 0
     svg = (root / "run" / "ckpt.svg").read_text()
     assert svg.startswith("<svg") and "polyline" in svg and svg.rstrip().endswith("</svg>")
@@ -78,7 +82,7 @@ def test_eval_json(trained, tmp_path):
     j = tmp_path / "eval.json"
     r = run("eval.py", out, "--data", root, "--n", 20, "--device", "cpu", "--json", j, "--eps-sweep")
     assert r.returncode == 0, r.stderr
-    result = json.loads(j.read_text())
+    result = json.loads(j.read_text(), parse_constant=strict)
     acc = result["accuracy"]
     assert result["n"] == 20 and result["eps"] == pytest.approx(8 / 255) and result["loss"] == "anchor"
     assert set(acc) == {"clean", "fgsm", "pgd20", "cw_inf", "apgd_ce", "apgd_t", "worst"}
@@ -167,13 +171,29 @@ def test_existing_checkpoint_is_never_overwritten(trained, capsys):
     r = run_here(train, "--data", root, "--resume", "--lr", "0.5", "--out", out, *TINY, capsys=capsys)
     assert_user_error(r, "--lr")
     assert md5(out) == before
+    # the files beside a checkpoint are a run's too: a new run never overwrites its best checkpoint or log
+    best = root / "run" / "ckpt.best.pt"
+    r = run_here(train, "--data", root, "--epochs", "1", "--out", root / "run" / "ckpt.pt.moved", *TINY, capsys=capsys)
+    assert r.returncode == 0  # a fresh name is fine
+    before_best = md5(best)
+    out.rename(root / "run" / "gone.pt")
+    try:
+        r = run_here(train, "--data", root, "--epochs", "1", "--out", out, *TINY, capsys=capsys)
+        assert_user_error(r, "ckpt.best.pt", "exists")
+        assert md5(best) == before_best
+    finally:
+        (root / "run" / "gone.pt").rename(out)
+    r = run_here(train, "--data", root, "--out", root / "run", *TINY, capsys=capsys)
+    assert_user_error(r, "--out", "folder")
 
 
 @pytest.mark.parametrize("flags,words", [
     (["--eps", "-0.1"], ["--eps"]), (["--eps", "abc"], ["--eps"]), (["--steps", "0"], ["--steps"]),
     (["--batch-size", "0"], ["--batch-size"]), (["--loss", "bogus"], ["--loss"]), (["--val", "-1"], ["--val"]),
     (["--limit", "100000"], ["--limit"]), (["--batch-size", "4096"], ["--batch-size"]),
-    (["--beta", "-1"], ["--beta"]), (["--device", "tpu"], ["--device"]),
+    (["--beta", "-1"], ["--beta"]), (["--device", "tpu"], ["--device"]), (["--alpha", "0"], ["--alpha"]),
+    (["--wd", "-1"], ["--wd"]), (["--beta", "nan"], ["--beta"]), (["--lam", "nan"], ["--lam"]),
+    (["--lr", "inf"], ["--lr"]), (["--epochs", "0"], ["--epochs"]),
 ])
 def test_train_bad_flags(trained, tmp_path, capsys, flags, words):
     root, _, _ = trained
@@ -206,7 +226,8 @@ def test_eval_bad_checkpoints(trained, tmp_path, capsys):
         r = run_here(eval_cli, path, "--data", root, "--n", "5", "--device", "cpu", capsys=capsys)
         assert_user_error(r, path.name, word)
     for flags, word in ((["--eps", "-1"], "--eps"), (["--n", "0"], "--n"), (["--batch-size", "0"], "--batch-size"),
-                        (["--attacks", "clean,bogus"], "bogus"), (["--alpha", "0"], "--alpha")):
+                        (["--attacks", "clean,bogus"], "bogus"), (["--alpha", "0"], "--alpha"),
+                        (["--json", tmp_path / "no" / "x.json"], "--json"), (["--json", out], "--json")):
         assert_user_error(run_here(eval_cli, out, "--data", root, *flags, capsys=capsys), word)
 
 
@@ -242,3 +263,14 @@ def test_bench_runs_the_training_step(tmp_path):
                                "--warmup", "0", "--iters", "1", "--json", str(j)]))
     table = json.loads(j.read_text())
     assert [r["loss"] for r in table["rows"]] == ["ce", "anchor"] and all(r["images_per_s"] > 0 for r in table["rows"])
+
+
+def test_lr_schedule():
+    total, peak = 40, 0.2
+    lrs = [train.lr_at(s, total, peak) for s in range(total)]
+    warm = lrs.index(max(lrs))
+    assert lrs[warm] == pytest.approx(peak) and warm == int(0.15 * total) - 1
+    assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))  # rising
+    assert all(a > b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # then falling
+    assert lrs[-1] == pytest.approx(0, abs=1e-12) and min(lrs[:-1]) > 0
+    assert [train.lr_at(s, 2, peak) for s in range(2)] == [peak, pytest.approx(0, abs=1e-12)]

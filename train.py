@@ -27,6 +27,7 @@ from model import build_model
 LOSSES = ("anchor", "supcon", "ce", "trades")
 # Flags that do not change what is trained: on --resume they may differ from the checkpoint's.
 RUNTIME_FLAGS = {"data", "device", "compile", "channels_last", "out", "resume"}
+RESUME_KEYS = {"model", "optimizer", "finetune", "epoch", "step_in_epoch", "config", "device", "running", "rng", "metrics"}
 
 
 class CLIError(Exception):
@@ -50,20 +51,22 @@ def eps_type(text):
     return value
 
 
-def positive(kind):
+def at_least(kind, low, strict):
+    """An argparse type: a finite `kind` value > low (strict) or >= low."""
     def check(text):
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not math.isfinite(value) or not (value > low if strict else value >= low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low}, got {text}")
         return value
     return check
 
 
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+def positive(kind):
+    return at_least(kind, 0, strict=True)
+
+
+def non_negative(kind):
+    return at_least(kind, 0, strict=False)
 
 
 def resolve_device(parser, args):
@@ -80,19 +83,19 @@ def get_args(argv=None):
     p = Parser(description="Adversarial training on CIFAR-10 with the ANCHOR loss.", allow_abbrev=False)
     p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ (downloaded there when missing)")
     p.add_argument("--limit", type=positive(int), default=None, help="train on the first N training images only")
-    p.add_argument("--val", type=non_negative_int, default=1000, help="last N training images held out for validation and best-checkpoint selection")
+    p.add_argument("--val", type=non_negative(int), default=1000, help="last N training images held out for validation and best-checkpoint selection")
     p.add_argument("--epochs", type=positive(int), default=30, help="training epochs")
-    p.add_argument("--finetune-epochs", type=non_negative_int, default=0, help="then K epochs training the classifier alone on adversarial examples, backbone frozen")
+    p.add_argument("--finetune-epochs", type=non_negative(int), default=0, help="then K epochs training the classifier alone on adversarial examples, backbone frozen")
     p.add_argument("--batch-size", type=positive(int), default=512, help="images per step")
     p.add_argument("--lr", type=positive(float), default=0.2, help="peak SGD learning rate (one-cycle: linear warm-up over 15%% of steps, then cosine to 0)")
-    p.add_argument("--wd", type=float, default=5e-4, help="weight decay")
+    p.add_argument("--wd", type=non_negative(float), default=5e-4, help="weight decay (SGD's L2 coefficient)")
     p.add_argument("--eps", type=eps_type, default=8 / 255, help="L-inf radius in [0, 1] pixel units (0.031 or 8/255)")
-    p.add_argument("--alpha", type=eps_type, default=2 / 255, help="PGD step size, pixel units")
+    p.add_argument("--alpha", type=positive(eps_type), default=2 / 255, help="PGD step size, pixel units")
     p.add_argument("--steps", type=positive(int), default=10, help="PGD steps for the training attack")
     p.add_argument("--loss", type=str, default="anchor", choices=LOSSES, help="anchor: CE on PGD examples + lam * anchor_loss; supcon: the same with beta=0; ce: Madry PGD-AT; trades: TRADES")
     p.add_argument("--temperature", type=positive(float), default=0.1, help="contrastive temperature")
-    p.add_argument("--beta", type=float, default=1.0, help="hard-positive mining strength (0 = SupCon)")
-    p.add_argument("--lam", type=float, default=None, help="weight of the second loss term (default 1.0 for anchor/supcon, 6.0 for TRADES)")
+    p.add_argument("--beta", type=non_negative(float), default=1.0, help="hard-positive mining strength (0 = SupCon)")
+    p.add_argument("--lam", type=non_negative(float), default=None, help="weight of the second loss term (default 1.0 for anchor/supcon, 6.0 for TRADES)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, PGD starts, init)")
     p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for training (CUDA only); validation stays float32")
@@ -102,12 +105,10 @@ def get_args(argv=None):
     p.add_argument("--out", type=str, default="ckpt.pt", help="checkpoint path; the log, plot and best checkpoint go beside it")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     args = p.parse_args(argv)
-    if args.beta < 0:
-        p.error(f"argument --beta: must be >= 0, got {args.beta}")
     if args.lam is None:
         args.lam = 6.0 if args.loss == "trades" else 1.0
-    if args.lam < 0:
-        p.error(f"argument --lam: must be >= 0, got {args.lam}")
+    if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
+        p.error(f"argument --out: {args.out} is a folder; name the checkpoint file, e.g. {os.path.join(args.out, 'ckpt.pt')}")
     resolve_device(p, args)
     # Which flags the user typed (not defaults): --resume refuses those that contradict the checkpoint.
     typed = {t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")}
@@ -116,11 +117,11 @@ def get_args(argv=None):
 
 
 def lr_at(step, total, peak):
-    """One-cycle: linear warm-up over the first 15% of steps, then cosine decay to 0."""
+    """One-cycle: linear warm-up to the peak over the first 15% of steps, then cosine decay, 0 at the last step."""
     warm = max(1, int(0.15 * total))
     if step < warm:
         return peak * (step + 1) / warm
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    return peak * 0.5 * (1 + math.cos(math.pi * (step + 1 - warm) / max(1, total - warm)))
 
 
 def training_loss(net, x, x_adv, y, args):
@@ -130,8 +131,9 @@ def training_loss(net, x, x_adv, y, args):
         ce = F.cross_entropy(logits_adv.float(), y)
         return ce, [ce, torch.zeros_like(ce)], logits_adv, None
     if args.loss == "trades":
-        # TRADES: CE on clean images + lam * KL(clean || adversarial) prediction.
-        logits_clean, logits_adv = net(torch.cat([x, x_adv])).float().chunk(2)
+        # TRADES: CE on clean images + lam * KL(clean || adversarial) prediction; two passes, as in its
+        # reference code, so BatchNorm sees clean and adversarial batches apart.
+        logits_clean, logits_adv = net(x).float(), net(x_adv).float()
         ce = F.cross_entropy(logits_clean, y)
         kl = F.kl_div(F.log_softmax(logits_adv, 1), F.log_softmax(logits_clean, 1), reduction="batchmean", log_target=True)
         return ce + args.lam * kl, [ce, kl], logits_adv, logits_clean
@@ -191,6 +193,26 @@ def save_atomic_text(text, path):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def to_cpu(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def json_safe(value):
+    """NaN (a quantity not measured, e.g. clean training accuracy under --loss ce) as null: strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def load_checkpoint(path):
@@ -291,6 +313,10 @@ def main(args):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.out)
+        missing = RESUME_KEYS - set(ckpt)
+        if missing or not isinstance(ckpt["config"].get("train"), dict):
+            raise CLIError(f"--resume: {args.out} lacks {sorted(missing) or ['config.train']}: it was not written "
+                           "by this train.py; start a new --out")
         saved = ckpt["config"]["train"]
         changed = [k for k in args.explicit if k in saved and saved[k] != getattr(args, k)]
         if changed:
@@ -299,14 +325,23 @@ def main(args):
                            f"{getattr(args, k)}; drop the flag to continue it, or start a new --out")
         for k, v in saved.items():  # the checkpoint's recipe wins: the resumed run equals an uninterrupted one
             setattr(args, k, v)
-    elif os.path.exists(args.out):
-        raise CLIError(f"{args.out} exists; pass --resume to continue it, or choose another --out")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        if "device" not in args.explicit:  # the same device's generators give the same data order
+            args.device = ckpt["device"]
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--resume: {args.out} was trained on cuda, which this machine lacks; pass --device cpu "
+                           "(the run continues, but not bit for bit)")
+        if args.amp and args.device != "cuda":
+            raise CLIError(f"--resume: {args.out} was trained with --amp, which needs --device cuda")
+    else:
+        taken = [p for p in [args.out, *files.values()] if os.path.exists(p)]
+        if taken:
+            raise CLIError(f"{taken[0]} exists; pass --resume to continue that run, or choose another --out")
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     x_train, y_train, _, _ = load_cifar10(args.data, download=True)
     x_tr, y_tr, x_val, y_val = split_train_val(x_train, y_train, args.val, args.limit)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     x_tr, y_tr, x_val, y_val = (t.to(device) for t in (x_tr, y_tr, x_val, y_val))
     steps_per_epoch = len(x_tr) // args.batch_size
     if steps_per_epoch == 0:
@@ -346,9 +381,11 @@ def main(args):
         rng = {"cpu": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "finetune": opt.finetune,
+        # CPU copies: the file loads with a plain torch.load(path, weights_only=True) on any machine.
+        return {"model": to_cpu(model.state_dict()), "optimizer": to_cpu(opt.state_dict()), "finetune": opt.finetune,
                 "epoch": epoch, "step_in_epoch": step, "config": {"model": model.config, "train": run_config(args)},
-                "running": running.cpu(), "rng": rng, "metrics": {"history": history, "best_val_robust": best}}
+                "device": device.type, "running": running.cpu(), "rng": rng,
+                "metrics": {"history": history, "best_val_robust": best}}
 
     # Ctrl-C sets a flag that is read between steps, so the saved state is never half-updated; a second
     # Ctrl-C stops at once.
@@ -418,11 +455,10 @@ def main(args):
             is_best = len(x_val) == 0 or val_robust > best
             best = val_robust if len(x_val) and is_best else best
             state = checkpoint(epoch + 1, 0)
-            save_atomic(state, args.out)
-            if is_best:
+            if is_best:  # best first: the last checkpoint never names a best epoch that was not written
                 save_atomic(state, files["best"])
-            with open(files["log"], "a") as f:
-                f.write(json.dumps(row) + "\n")
+            save_atomic(state, args.out)
+            save_atomic_text("".join(json.dumps(json_safe(r)) + "\n" for r in history), files["log"])
             if stop:
                 print(f"interrupted: saved {args.out} after epoch {epoch + 1}; "
                       f"continue with: python train.py --resume --out {args.out}")
@@ -434,7 +470,8 @@ def main(args):
         for key in ("train_clean", "train_adv", "val_clean", "val_pgd"):
             plot[key] = [(r["epoch"], r[key]) for r in history]
         svg_plot(files["svg"], plot, "epoch", f"{args.loss}: loss and accuracy")
-    print(f"saved {args.out} (last), {files['best']} (best val PGD {best:.4f}), {files['log']}, {files['svg']}")
+    best_note = f"best val PGD {best:.4f}" if len(x_val) else "no --val slice: the last epoch"
+    print(f"saved {args.out} (last), {files['best']} ({best_note}), {files['log']}, {files['svg']}")
     return 0
 
 
@@ -442,7 +479,7 @@ def cli(main_fn, args_fn, prog):
     """Run a CLI: a user error is one line on stderr and exit status 2, never a traceback."""
     try:
         sys.exit(main_fn(args_fn()))
-    except (CLIError, DataError) as e:
+    except (CLIError, DataError, OSError) as e:  # OSError: a path that cannot be written
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
