@@ -354,6 +354,7 @@ def main(args):
     total_epochs = args.epochs + args.finetune_epochs
     start_epoch, step_in_epoch, history, best = 0, 0, [], -1.0
     running = torch.zeros(5, device=device)  # summed over the epoch: loss, ce, second term, adv correct, clean correct
+    no_clean = torch.tensor(math.nan, device=device)  # --loss ce sees no clean logits: clean accuracy unmeasured
 
     def make_optimizer(finetune):
         # Fine-tuning trains the classifier alone; the backbone (and its BatchNorm statistics) stay frozen.
@@ -420,7 +421,7 @@ def main(args):
                     group["lr"] = lr_of(step)
                 loss, parts, logits_adv, logits_clean = train_step(model, net, opt, xb, yb, args, finetune)
                 with torch.no_grad():  # running sums stay on the device: no host sync per step
-                    clean = (logits_clean.argmax(1) == yb).sum() if logits_clean is not None else loss.new_tensor(math.nan)
+                    clean = (logits_clean.argmax(1) == yb).sum() if logits_clean is not None else no_clean
                     running += torch.stack([loss.detach() * len(yb), parts[0].detach() * len(yb),
                                             parts[1].detach() * len(yb), (logits_adv.argmax(1) == yb).sum(), clean])
                 step_in_epoch = step + 1
