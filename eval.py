@@ -144,8 +144,11 @@ def main(args):
           f"epoch {ckpt['epoch']} | {len(x)} test images | eps {args.eps:.4f} alpha {args.alpha:.4f} | "
           f"{device}{' bf16' if args.amp else ' float32'}")
     print(f"{'attack':<8} {'accuracy':>9} {'seconds':>8}")
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"n": len(x), "eps": args.eps, "alpha": args.alpha, "checkpoint": args.ckpt,
-              "loss": train_cfg.get("loss"), "epoch": ckpt["epoch"], "accuracy": {}}
+              "loss": train_cfg.get("loss"), "epoch": ckpt["epoch"], "accuracy": {},
+              "device": hardware, "torch": torch.__version__, "precision": "bf16" if args.amp else "float32",
+              "seed": args.seed, "data": os.path.abspath(args.data), "train_config": train_cfg}
     correct = {}
     for name in [a for a in DEFAULT_ATTACKS if a in args.attacks]:
         torch.manual_seed(args.seed)  # each attack's random start is reproducible on its own

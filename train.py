@@ -85,7 +85,7 @@ def get_args(argv=None):
     p.add_argument("--limit", type=positive(int), default=None, help="train on the first N training images only")
     p.add_argument("--val", type=non_negative(int), default=1000, help="last N training images held out for validation and best-checkpoint selection")
     p.add_argument("--epochs", type=positive(int), default=30, help="training epochs")
-    p.add_argument("--finetune-epochs", type=non_negative(int), default=0, help="then K epochs training the classifier alone on adversarial examples, backbone frozen")
+    p.add_argument("--finetune-epochs", type=non_negative(int), default=0, help="then K epochs training the classifier alone with CE on PGD examples, backbone frozen")
     p.add_argument("--batch-size", type=positive(int), default=512, help="images per step")
     p.add_argument("--lr", type=positive(float), default=0.2, help="peak SGD learning rate (one-cycle: linear warm-up over 15%% of steps, then cosine to 0)")
     p.add_argument("--wd", type=non_negative(float), default=5e-4, help="weight decay (SGD's L2 coefficient)")
@@ -124,13 +124,13 @@ def lr_at(step, total, peak):
     return peak * 0.5 * (1 + math.cos(math.pi * (step + 1 - warm) / max(1, total - warm)))
 
 
-def training_loss(net, x, x_adv, y, args):
-    """(total loss, [ce, second term], adversarial logits, clean logits or None) for one batch."""
-    if args.loss == "ce":
+def training_loss(net, x, x_adv, y, args, kind):
+    """(total loss, [ce, second term], adversarial logits, clean logits or None) of loss `kind` for one batch."""
+    if kind == "ce":
         logits_adv = net(x_adv)
         ce = F.cross_entropy(logits_adv.float(), y)
         return ce, [ce, torch.zeros_like(ce)], logits_adv, None
-    if args.loss == "trades":
+    if kind == "trades":
         # TRADES: CE on clean images + lam * KL(clean || adversarial) prediction; two passes, as in its
         # reference code, so BatchNorm sees clean and adversarial batches apart.
         logits_clean, logits_adv = net(x).float(), net(x_adv).float()
@@ -142,26 +142,28 @@ def training_loss(net, x, x_adv, y, args):
     logits_clean, logits_adv = logits.float().chunk(2)
     ce = F.cross_entropy(logits_adv, y)
     views = torch.stack(z.chunk(2), dim=1)  # (B, 2, proj_dim)
-    con = anchor_loss(views, y, args.temperature, args.beta if args.loss == "anchor" else 0.0)
+    con = anchor_loss(views, y, args.temperature, args.beta if kind == "anchor" else 0.0)
     return ce + args.lam * con, [ce, con], logits_adv, logits_clean
 
 
 def train_step(model, net, opt, x, y, args, finetune=False):
     """One step of adversarial training: PGD examples against the model in eval mode, then one update of
-    `opt` in train mode. `net` is the model or its torch.compile'd wrapper."""
+    `opt` in train mode. `net` is the model or its torch.compile'd wrapper. Fine-tuning (frozen backbone)
+    trains the classifier with plain CE on PGD examples, whatever the first stage's loss."""
+    kind = "ce" if finetune else args.loss
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp):
         model.eval()  # attack the model as it predicts (BatchNorm running statistics untouched)
         attack_loss = "ce"
-        if args.loss == "trades":  # TRADES's attack ascends KL(clean prediction || adversarial prediction)
+        if kind == "trades":  # TRADES's attack ascends KL(clean prediction || adversarial prediction)
             with torch.no_grad():
                 clean_logp = F.log_softmax(net(x).float(), 1)
             attack_loss = lambda logits, y: F.kl_div(F.log_softmax(logits, 1), clean_logp, reduction="none",
                                                      log_target=True).sum(1)
         x_adv = pgd(net, x, y, args.eps, args.alpha, args.steps, loss=attack_loss)
         model.train(not finetune)  # fine-tuning keeps the frozen backbone's BatchNorm in eval mode
-        loss, parts, logits_adv, logits_clean = training_loss(net, x, x_adv, y, args)
+        loss, parts, logits_adv, logits_clean = training_loss(net, x, x_adv, y, args, kind)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
