@@ -274,3 +274,21 @@ def test_lr_schedule():
     assert all(a > b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # then falling
     assert lrs[-1] == pytest.approx(0, abs=1e-12) and min(lrs[:-1]) > 0
     assert [train.lr_at(s, 2, peak) for s in range(2)] == [peak, pytest.approx(0, abs=1e-12)]
+
+
+def test_eval_sanity_checks_fire():
+    """Each warning fires on a model built to trip it, and none on a plain one."""
+    torch.manual_seed(0)
+    model = train.build_model({"width": 4}).eval()
+    x, y = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,))
+    args = eval_cli.get_args(["unused.pt", "--device", "cpu", "--batch-size", "20"])
+    assert eval_cli.sanity_checks(model, x, y, {"fgsm": 0.5, "pgd20": 0.5}, args) == []
+    cases = {
+        "differ": torch.nn.Sequential(model, torch.nn.Dropout(0.5).train()),
+        "probabilities": torch.nn.Sequential(model, torch.nn.Softmax(dim=1)),
+        "zero input gradient": lambda inputs: model(torch.round(inputs * 4) / 4),  # a step function
+    }
+    for word, wrapped in cases.items():
+        assert any(word in w for w in eval_cli.sanity_checks(wrapped, x, y, {}, args)), word
+    warnings = eval_cli.sanity_checks(model, x, y, {"fgsm": 0.30, "pgd20": 0.45, "cw_inf": 0.9}, args)
+    assert len(warnings) == 1 and "pgd20" in warnings[0]  # cw_inf is not nested with the CE attacks
