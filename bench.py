@@ -14,6 +14,7 @@ import time
 
 import torch
 
+import cli
 import train
 from model import build_model
 
@@ -27,19 +28,19 @@ VARIANTS = {
 
 
 def get_args(argv=None):
-    p = train.Parser(description="Training-step throughput of train.py.", allow_abbrev=False)
+    p = cli.Parser(description="Training-step throughput of train.py.", allow_abbrev=False)
     p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--batch-size", type=train.positive(int), default=None, help="images per step (default 512 on CUDA, 32 on the CPU)")
-    p.add_argument("--width", type=train.positive(int), default=None, help="ResNet-18 width (default 64 on CUDA, 8 on the CPU)")
-    p.add_argument("--steps", type=train.positive(int), default=10, help="PGD steps of the training attack")
+    p.add_argument("--batch-size", type=cli.positive(int), default=None, help="images per step (default 512 on CUDA, 32 on the CPU)")
+    p.add_argument("--width", type=cli.positive(int), default=None, help="ResNet-18 width (default 64 on CUDA, 8 on the CPU)")
+    p.add_argument("--steps", type=cli.positive(int), default=10, help="PGD steps of the training attack")
     p.add_argument("--variants", type=str, default=None, help=f"comma-separated subset of {','.join(VARIANTS)} (default: all on CUDA, fp32 on the CPU)")
     p.add_argument("--losses", type=str, default="ce,anchor", help="comma-separated train.py --loss values")
-    p.add_argument("--warmup", type=train.non_negative(int), default=None, help="untimed steps first (default 10 on CUDA, 2 on the CPU; compile needs them)")
-    p.add_argument("--iters", type=train.positive(int), default=None, help="timed steps (default 30 on CUDA, 5 on the CPU)")
+    p.add_argument("--warmup", type=cli.non_negative(int), default=None, help="untimed steps first (default 10 on CUDA, 2 on the CPU; compile needs them)")
+    p.add_argument("--iters", type=cli.positive(int), default=None, help="timed steps (default 30 on CUDA, 5 on the CPU)")
     p.add_argument("--json", type=str, default=None, help="write the table to this JSON file")
     args = p.parse_args(argv)
     args.amp = False
-    train.resolve_device(p, args)
+    cli.resolve_device(p, args)
     cuda = args.device == "cuda"
     args.batch_size = args.batch_size or (512 if cuda else 32)
     args.width = args.width or (64 if cuda else 8)
@@ -106,9 +107,9 @@ def main(args):
     if args.json:
         table = {"device": name, "torch": torch.__version__, "batch_size": args.batch_size, "width": args.width,
                  "pgd_steps": args.steps, "warmup": args.warmup, "iters": args.iters, "rows": rows}
-        train.save_atomic_text(json.dumps(table, indent=2) + "\n", args.json)
+        cli.save_atomic_text(json.dumps(table, indent=2) + "\n", args.json)
     return 0
 
 
 if __name__ == "__main__":
-    train.cli(main, get_args, "bench.py")
+    cli.cli(main, get_args, "bench.py")

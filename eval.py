@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from attacks import apgd, cw_l2, fgsm, pgd
 from data import batches, load_cifar10
-from train import (Parser, cli, eps_type, json_safe, load_checkpoint, model_from_checkpoint, positive,
-                   resolve_device, save_atomic_text, svg_plot)
+from cli import (Parser, cli, eps_type, json_safe, load_checkpoint, model_from_checkpoint, positive,
+                 resolve_device, save_atomic_text, svg_plot)
 
 # name -> attack at (eps, alpha, seed): the L-inf attacks, in the order of the report.
 ATTACKS = {

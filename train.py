@@ -8,7 +8,6 @@
 Writes OUT (last epoch), OUT with .best.pt (best PGD accuracy on the held-out --val slice; adversarial
 training overfits late), a JSON-lines log (.jsonl) and a plot of the curves (.svg) beside it.
 """
-import argparse
 import json
 import math
 import os
@@ -21,62 +20,15 @@ import torch.nn.functional as F
 
 from anchor import anchor_loss
 from attacks import pgd
-from data import DataError, batches, load_cifar10, split_train_val
+from cli import (CLIError, Parser, Progress, cli, eps_type, json_safe, load_checkpoint, non_negative, positive,
+                 resolve_device, save_atomic, save_atomic_text, svg_plot, to_cpu)
+from data import batches, load_cifar10, split_train_val
 from model import build_model
 
 LOSSES = ("anchor", "supcon", "ce", "trades")
 # Flags that do not change what is trained: on --resume they may differ from the checkpoint's.
 RUNTIME_FLAGS = {"data", "device", "compile", "channels_last", "out", "resume"}
 RESUME_KEYS = {"model", "optimizer", "finetune", "epoch", "step_in_epoch", "config", "device", "running", "rng", "metrics"}
-
-
-class CLIError(Exception):
-    """A problem with the user's input: printed on one line, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr and exit 2, instead of usage + message
-        raise CLIError(message)
-
-
-def eps_type(text):
-    """A radius or step in [0, 1] pixel units, written 0.031 or 8/255."""
-    try:
-        num, _, den = text.partition("/")
-        value = float(num) / float(den) if den else float(num)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (write 0.031 or 8/255)")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1] (pixel units, e.g. 8/255)")
-    return value
-
-
-def at_least(kind, low, strict):
-    """An argparse type: a finite `kind` value > low (strict) or >= low."""
-    def check(text):
-        value = kind(text)
-        if not math.isfinite(value) or not (value > low if strict else value >= low):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low}, got {text}")
-        return value
-    return check
-
-
-def positive(kind):
-    return at_least(kind, 0, strict=True)
-
-
-def non_negative(kind):
-    return at_least(kind, 0, strict=False)
-
-
-def resolve_device(parser, args):
-    """--device defaults to cuda when available; --amp is bf16 autocast on CUDA only."""
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("argument --device: cuda is not available on this machine; use --device cpu")
-    if args.amp and args.device != "cuda":
-        parser.error("argument --amp: bf16 autocast is for --device cuda; drop --amp on the CPU")
 
 
 def get_args(argv=None):
@@ -182,122 +134,6 @@ def evaluate(model, x, y, args, batch_size=500):
             correct += torch.stack([(model(xb).argmax(1) == yb).sum(), (model(x_adv).argmax(1) == yb).sum()])
     clean, robust = (correct / len(x)).tolist()
     return clean, robust
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_atomic_text(text, path):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def to_cpu(obj):
-    """A copy of a (nested) state dict with every tensor on the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
-def json_safe(value):
-    """NaN (a quantity not measured, e.g. clean training accuracy under --loss ce) as null: strict JSON."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def load_checkpoint(path):
-    """Load a checkpoint of this project, or raise CLIError saying what is wrong with the file."""
-    if not os.path.isfile(path):
-        raise CLIError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CLIError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                       "it is truncated or not a torch checkpoint: train again or pick another file")
-    if not isinstance(ckpt, dict) or not {"model", "config", "epoch"} <= set(ckpt) or "model" not in ckpt["config"]:
-        raise CLIError(f"{path} is not a checkpoint of this project (expected a dict with model, config, epoch)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, path):
-    try:
-        model = build_model(ckpt["config"]["model"])
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError) as e:
-        raise CLIError(f"{path} does not fit this project's model ({str(e).splitlines()[0][:160]})")
-    return model
-
-
-def svg_plot(path, series, xlabel, title):
-    """A small hand-written SVG line chart. series: {name: [(x, y), ...]} with y in [0, 1] for accuracies;
-    any other series (a loss) is scaled to its own maximum and drawn dashed."""
-    W, H, L, R, T, Bm = 640, 360, 50, 150, 30, 40
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
-    xs = [x for pts in series.values() for x, _ in pts] or [0, 1]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
-    py = lambda y: T + (1 - y) * (H - T - Bm)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/><text x="{L}" y="18">{title}</text>']
-    for k in range(6):  # horizontal grid, 0 to 1
-        y = py(k / 5)
-        out.append(f'<line x1="{L}" y1="{y:.1f}" x2="{W - R}" y2="{y:.1f}" stroke="#ddd"/>'
-                   f'<text x="{L - 6}" y="{y + 4:.1f}" text-anchor="end">{k / 5:.1f}</text>')
-    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 8}" text-anchor="middle">{xlabel}</text>'
-               f'<text x="{L}" y="{H - Bm + 16}" text-anchor="middle">{x0:g}</text>'
-               f'<text x="{W - R}" y="{H - Bm + 16}" text-anchor="middle">{x1:g}</text>')
-    for i, (name, pts) in enumerate(series.items()):
-        pts = [(x, y) for x, y in pts if math.isfinite(y)]
-        if not pts:
-            continue
-        is_loss = "loss" in name
-        scale = max(abs(y) for _, y in pts) or 1.0 if is_loss else 1.0
-        line = " ".join(f"{px(x):.1f},{py(y / scale):.1f}" for x, y in pts)
-        dash = ' stroke-dasharray="5,3"' if is_loss else ""
-        label = f"{name} (/ {scale:.3g})" if is_loss else name
-        c = colors[i % len(colors)]
-        out.append(f'<polyline points="{line}" fill="none" stroke="{c}" stroke-width="2"{dash}/>'
-                   f'<text x="{W - R + 8}" y="{T + 16 * i + 4}" fill="{c}">{label}</text>')
-    out.append("</svg>")
-    save_atomic_text("\n".join(out) + "\n", path)
-
-
-class Progress:
-    """A live one-line bar with images/s and ETA; on a pipe (a log file), a plain line every 30 s."""
-
-    def __init__(self, label, total_steps, batch_size):
-        self.label, self.total, self.bs = label, total_steps, batch_size
-        self.start = self.last = time.time()
-        self.tty = sys.stdout.isatty()
-
-    def update(self, step, force=False):
-        """Returns True when it printed (a moment for the caller's occasional host sync)."""
-        now = time.time()
-        if not force and now - self.last < (0.5 if self.tty else 30):
-            return False
-        self.last = now
-        rate = step * self.bs / max(now - self.start, 1e-9)
-        eta = (self.total - step) * self.bs / max(rate, 1e-9)
-        bar = "#" * int(20 * step / self.total)
-        line = f"{self.label} [{bar:<20}] {step}/{self.total} {rate:7.0f} img/s ETA {eta:4.0f}s"
-        print("\r" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
-        return True
-
-    def close(self):
-        if self.tty:
-            print("\r" + " " * 80 + "\r", end="", flush=True)
 
 
 def paths(out):
@@ -476,15 +312,6 @@ def main(args):
     best_note = f"best val PGD {best:.4f}" if len(x_val) else "no --val slice: the last epoch"
     print(f"saved {args.out} (last), {files['best']} ({best_note}), {files['log']}, {files['svg']}")
     return 0
-
-
-def cli(main_fn, args_fn, prog):
-    """Run a CLI: a user error is one line on stderr and exit status 2, never a traceback."""
-    try:
-        sys.exit(main_fn(args_fn()))
-    except (CLIError, DataError, OSError) as e:  # OSError: a path that cannot be written
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
