@@ -43,6 +43,7 @@ def at_least(kind, low, strict):
         if not math.isfinite(value) or not (value > low if strict else value >= low):
             raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low}, got {text}")
         return value
+    check.__name__ = kind.__name__  # argparse names it in "invalid int value: '1.5'"
     return check
 
 
