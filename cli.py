@@ -158,18 +158,18 @@ def svg_plot(path, series, xlabel, title):
 class Progress:
     """A live one-line bar with images/s and ETA; on a pipe (a log file), a plain line every 30 s."""
 
-    def __init__(self, label, total_steps, batch_size):
-        self.label, self.total, self.bs = label, total_steps, batch_size
+    def __init__(self, label, total_steps, batch_size, first_step=0):
+        self.label, self.total, self.bs, self.first = label, total_steps, batch_size, first_step  # first: resumed
         self.start = self.last = time.time()
         self.tty = sys.stdout.isatty()
 
-    def update(self, step, force=False):
+    def update(self, step):
         """Returns True when it printed (a moment for the caller's occasional host sync)."""
         now = time.time()
-        if not force and now - self.last < (0.5 if self.tty else 30):
+        if now - self.last < (0.5 if self.tty else 30):
             return False
         self.last = now
-        rate = step * self.bs / max(now - self.start, 1e-9)
+        rate = (step - self.first) * self.bs / max(now - self.start, 1e-9)
         eta = (self.total - step) * self.bs / max(rate, 1e-9)
         bar = "#" * int(20 * step / self.total)
         line = f"{self.label} [{bar:<20}] {step}/{self.total} {rate:7.0f} img/s ETA {eta:4.0f}s"

@@ -248,7 +248,7 @@ def main(args):
                 opt = make_optimizer(True)  # a fresh optimizer for the second stage
             stage_start, stage_epochs = (args.epochs, args.finetune_epochs) if finetune else (0, args.epochs)
             lr_of = lambda step: lr_at((epoch - stage_start) * steps_per_epoch + step, stage_epochs * steps_per_epoch, args.lr)
-            bar = Progress(f"epoch {epoch + 1}/{total_epochs}", steps_per_epoch, args.batch_size)
+            bar = Progress(f"epoch {epoch + 1}/{total_epochs}", steps_per_epoch, args.batch_size, step_in_epoch)
             t0 = time.time()
             stream = batches(x_tr, y_tr, args.batch_size, shuffle_seed=args.seed * 100003 + epoch, augment=True,
                              drop_last=True)
