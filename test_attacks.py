@@ -132,6 +132,22 @@ def test_pgd_matches_reference(trained_model, loss):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)  # the projections may round differently by one ulp
 
 
+def test_pgd_callable_loss(trained_model):
+    """A callable loss is ascended as it is: cross-entropy written by hand gives PGD-CE, and the TRADES-style KL
+    to the clean prediction moves the prediction away from it."""
+    model, x, y = trained_model
+    x, y = x[:8], y[:8]
+    by_hand = lambda logits, y: -F.log_softmax(logits, 1).gather(1, y[:, None]).squeeze(1)
+    ours = pgd(model, x, y, MID_EPS, 1 / 255, 10, random_start=False, loss=by_hand)
+    torch.testing.assert_close(ours, pgd(model, x, y, MID_EPS, 1 / 255, 10, random_start=False), rtol=0, atol=0)
+    with torch.no_grad():
+        clean_logp = F.log_softmax(model(x), 1)
+    kl = lambda logits, y: F.kl_div(F.log_softmax(logits, 1), clean_logp, reduction="none", log_target=True).sum(1)
+    x_adv = pgd(model, x, y, MID_EPS, 1 / 255, 10, loss=kl)
+    with torch.no_grad():
+        assert kl(model(x_adv), y).mean() > kl(model(x), y).mean() + 1e-3
+
+
 # ---------------------------------------------------------------- strength
 
 
