@@ -16,7 +16,6 @@ import torch
 
 import cli
 import train
-from model import build_model
 
 # name -> extra train.py flags
 VARIANTS = {
@@ -70,11 +69,8 @@ def measure(loss, variant, args):
                             "--width", str(args.width), "--steps", str(args.steps)] + VARIANTS[variant])
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model({"width": args.width}).to(device)
-    if targs.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if targs.compile else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model, net = train.make_model(targs, device)
+    opt = train.make_optimizer(model, targs, finetune=False)
     x = torch.rand(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     times = []

@@ -68,6 +68,24 @@ def get_args(argv=None):
     return args
 
 
+def make_model(args, device):
+    """(model, net): the network on `device`, and what the training step calls (torch.compile'd with --compile)."""
+    model = build_model({"width": args.width}).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch.compile(model) if args.compile else model
+
+
+def make_optimizer(model, args, finetune):
+    """SGD with Nesterov momentum; fine-tuning trains the classifier alone, the rest (BatchNorm too) frozen."""
+    for p in model.backbone_parameters():
+        p.requires_grad_(not finetune)
+    params = model.classifier.parameters() if finetune else model.parameters()
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
+    opt.finetune = finetune  # which stage this optimizer belongs to, saved with the checkpoint
+    return opt
+
+
 def lr_at(step, total, peak):
     """One-cycle: linear warm-up to the peak over the first 15% of steps, then cosine decay, 0 at the last step."""
     warm = max(1, int(0.15 * total))
@@ -185,30 +203,18 @@ def main(args):
     if steps_per_epoch == 0:
         raise CLIError(f"--batch-size {args.batch_size} is larger than the {len(x_tr)} training images; lower it")
 
-    model = build_model({"width": args.width}).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile else model
+    model, net = make_model(args, device)
     total_epochs = args.epochs + args.finetune_epochs
     start_epoch, step_in_epoch, history, best = 0, 0, [], -1.0
     running = torch.zeros(5, device=device)  # summed over the epoch: loss, ce, second term, adv correct, clean correct
     no_clean = torch.tensor(math.nan, device=device)  # --loss ce sees no clean logits: clean accuracy unmeasured
 
-    def make_optimizer(finetune):
-        # Fine-tuning trains the classifier alone; the backbone (and its BatchNorm statistics) stay frozen.
-        for p in model.backbone_parameters():
-            p.requires_grad_(not finetune)
-        params = model.classifier.parameters() if finetune else model.parameters()
-        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
-        opt.finetune = finetune
-        return opt
-
-    opt = make_optimizer(False)
+    opt = make_optimizer(model, args, finetune=False)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         start_epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         history, best = ckpt["metrics"]["history"], ckpt["metrics"]["best_val_robust"]
-        opt = make_optimizer(ckpt["finetune"])
+        opt = make_optimizer(model, args, ckpt["finetune"])
         opt.load_state_dict(ckpt["optimizer"])
         running = ckpt["running"].to(device)
         torch.set_rng_state(ckpt["rng"]["cpu"])
@@ -245,7 +251,7 @@ def main(args):
         for epoch in range(start_epoch, total_epochs):
             finetune = epoch >= args.epochs
             if finetune and not opt.finetune:
-                opt = make_optimizer(True)  # a fresh optimizer for the second stage
+                opt = make_optimizer(model, args, finetune=True)  # a fresh optimizer for the second stage
             stage_start, stage_epochs = (args.epochs, args.finetune_epochs) if finetune else (0, args.epochs)
             lr_of = lambda step: lr_at((epoch - stage_start) * steps_per_epoch + step, stage_epochs * steps_per_epoch, args.lr)
             bar = Progress(f"epoch {epoch + 1}/{total_epochs}", steps_per_epoch, args.batch_size, step_in_epoch)
