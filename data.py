@@ -1,18 +1,22 @@
-"""CIFAR-10 for ANCHOR: read the official python files, download them safely, batch and augment on the device.
+"""CIFAR-10 and -100 for ANCHOR: read the official python files, download them safely, batch and augment on the device.
 
-    from data import load_cifar10, split_train_val, batches
-    x_train, y_train, x_test, y_test = load_cifar10('data', download=True)  # uint8 [N,3,32,32], int64 [N], CPU
+    from data import DATASETS, load_dataset, split_train_val, batches
+    x_train, y_train, x_test, y_test = load_dataset('cifar10', 'data', download=True)  # uint8 [N,3,32,32], int64 [N]
     x_tr, y_tr, x_val, y_val = split_train_val(x_train, y_train, val=5000)    # last 5000 train images held out
     x_tr, y_tr = x_tr.to('cuda'), y_tr.to('cuda')                             # the whole set fits on the GPU (150 MB)
     for xb, yb in batches(x_tr, y_tr, 512, shuffle_seed=seed * 1000 + epoch, augment=True, drop_last=True):
         ...                                                                   # xb float32 [512,3,32,32] in [0, 1]
 
-`root` holds cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) or is that folder. The files are
-Python-2 pickles; they are read with an unpickler that builds numpy arrays and nothing else, because unpickling
+DATASETS describes each data set once ('cifar10', 'cifar100': files, URL, md5, num_classes, mean/std); one code path
+serves both, and load_cifar10/load_cifar100 are load_dataset by name. CIFAR-100's labels are the 100 fine ones.
+`root` holds the data set's folder (cifar-10-batches-py/, cifar-100-python/, side by side if both) or is that folder,
+known by its name or its files (any CIFAR-10 batch name; all three of CIFAR-100's generic train, test, meta). The
+files are Python-2 pickles, read with an unpickler that builds numpy arrays and nothing else, because unpickling
 an arbitrary file runs arbitrary code. Every problem with the files raises DataError, whose one-line message
 names the file and the fix. No DataLoader: batches are gathered, cropped and flipped on the device, whole batch
 at a time (airbench's approach). Measured on a 2-core CPU box: load_cifar10 reads the full set in ~1 s.
 """
+import collections
 import hashlib
 import http.client
 import os
@@ -34,20 +38,48 @@ try:
 except ImportError:  # pragma: no cover - older numpy
     from numpy.core import multiarray as _multiarray
 
-URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-MD5 = "c58f30108f718f92721af3b95e74349a"
-FOLDER = 'cifar-10-batches-py'
-ARCHIVE = 'cifar-10-python.tar.gz'
-TRAIN_FILES = [f'data_batch_{i}' for i in range(1, 6)]
-TEST_FILE = 'test_batch'
-META_FILE = 'batches.meta'
-NUM_CLASSES = 10
-_BY_HAND = (f"download {ARCHIVE} by hand from {URL}, extract it, and pass --data DIR "
-            f"(the folder holding {FOLDER}/)")
+# One description per data set. marks: how many of its file names make a folder with another name count as its
+# folder (CIFAR-10's names are distinctive; CIFAR-100's train/test/meta are not, so it takes all three).
+Dataset = collections.namedtuple('Dataset', 'name title folder archive url md5 train_files test_file meta_file '
+                                            'label_key names_key num_classes marks mean std')
+DATASETS = {
+    'cifar10': Dataset(
+        name='cifar10', title='CIFAR-10', folder='cifar-10-batches-py', archive='cifar-10-python.tar.gz',
+        url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz', md5='c58f30108f718f92721af3b95e74349a',
+        train_files=tuple(f'data_batch_{i}' for i in range(1, 6)), test_file='test_batch', meta_file='batches.meta',
+        label_key='labels', names_key='label_names', num_classes=10, marks=1,
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    'cifar100': Dataset(  # coarse_labels (20 superclasses) are there too, and ignored
+        name='cifar100', title='CIFAR-100', folder='cifar-100-python', archive='cifar-100-python.tar.gz',
+        url='https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz', md5='eb9058c3a382ffc7106e4002c42a8d85',
+        train_files=('train',), test_file='test', meta_file='meta',
+        label_key='fine_labels', names_key='fine_label_names', num_classes=100, marks=3,
+        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+}
+_C10, _C100 = DATASETS['cifar10'], DATASETS['cifar100']
+URL, MD5, FOLDER, ARCHIVE = _C10.url, _C10.md5, _C10.folder, _C10.archive  # CIFAR-10's, by their older names
+TRAIN_FILES, TEST_FILE, META_FILE = list(_C10.train_files), _C10.test_file, _C10.meta_file
+NUM_CLASSES = _C10.num_classes
+URL100, MD5_100 = _C100.url, _C100.md5
 
 
 class DataError(Exception):
-    """Any problem with the CIFAR-10 files, the download or the archive; the message names the file and the fix."""
+    """Any problem with the CIFAR files, the download or the archive; the message names the file and the fix."""
+
+
+def _dataset(name):
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _files(ds):
+    return [*ds.train_files, ds.test_file, ds.meta_file]
+
+
+def _by_hand(ds):
+    return (f"download {ds.archive} by hand from {ds.url}, extract it, and pass --data DIR "
+            f"(the folder holding {ds.folder}/)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,101 +100,131 @@ _SAFE_GLOBALS = {
 class _CifarUnpickler(pickle.Unpickler):
     """Refuses every global but numpy's array reconstruction, so a planted file cannot call os.system & co."""
 
-    def __init__(self, file, path):
+    def __init__(self, file, path, ds):
         super().__init__(file, encoding='latin1')  # Python-2 str -> str; numpy accepts latin1 array bytes
-        self.path = path
+        self.path, self.ds = path, ds
 
     def find_class(self, module, name):
         if (module, name) not in _SAFE_GLOBALS:
-            raise DataError(f"refusing to unpickle {module}.{name} in {self.path}: not a CIFAR-10 file; "
-                            f"delete it and {_BY_HAND}")
+            raise DataError(f"refusing to unpickle {module}.{name} in {self.path}: not a {self.ds.title} file; "
+                            f"delete it and {_by_hand(self.ds)}")
         return _SAFE_GLOBALS[module, name]
 
 
-def _unpickle(path):
-    """Read one batch file into a dict with str keys; a truncated or foreign file raises DataError."""
+def _unpickle(path, ds):
+    """Read one file of ds into a dict with str keys; a truncated or foreign file raises DataError."""
     try:
         with open(path, 'rb') as f:
-            d = _CifarUnpickler(f, path).load()
+            d = _CifarUnpickler(f, path, ds).load()
     except DataError:
         raise
     except Exception as e:  # truncated or corrupt: EOFError, UnpicklingError, ValueError, ...
         raise DataError(f"cannot read {path} ({type(e).__name__}: {e}): the file is truncated or corrupt; "
-                        f"delete {FOLDER}/ and download again, or {_BY_HAND}") from None
+                        f"delete {ds.folder}/ and download again, or {_by_hand(ds)}") from None
     if not isinstance(d, dict):
-        raise DataError(f"{path} holds a {type(d).__name__}, not a dict: not a CIFAR-10 file; {_BY_HAND}")
+        raise DataError(f"{path} holds a {type(d).__name__}, not a dict: not a {ds.title} file; {_by_hand(ds)}")
     return {k.decode('latin1') if isinstance(k, bytes) else k: v for k, v in d.items()}  # bytes keys too
 
 
-def _bad(path, what):
-    return DataError(f"{path}: {what}; not an intact CIFAR-10 batch file; delete it and {_BY_HAND}")
+def _bad(path, what, ds):
+    return DataError(f"{path}: {what}; not an intact {ds.title} file; delete it and {_by_hand(ds)}")
 
 
-def _load_batch(path):
-    """One batch file -> (data uint8 [n, 3072], labels int64 [n]), checked."""
-    d = _unpickle(path)
-    if 'data' not in d or 'labels' not in d:
-        raise _bad(path, f"keys {list(d)} lack 'data' or 'labels'")
+def _load_batch(path, ds):
+    """One file of images -> (data uint8 [n, 3072], labels int64 [n]), checked."""
+    d, key = _unpickle(path, ds), ds.label_key
+    if 'data' not in d or key not in d:
+        raise _bad(path, f"keys {list(d)} lack 'data' or '{key}'", ds)
     data = d['data']
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise _bad(path, f"'data' is {type(data).__name__} {getattr(data, 'dtype', '')} "
-                         f"{list(getattr(data, 'shape', []))}, expected uint8 [n, 3072]")
-    labels = np.asarray(d['labels'])
+                         f"{list(getattr(data, 'shape', []))}, expected uint8 [n, 3072]", ds)
+    labels = np.asarray(d[key])
     if labels.ndim != 1 or (labels.size and labels.dtype.kind not in 'iu'):
-        raise _bad(path, f"'labels' is {labels.dtype} {list(labels.shape)}, expected a list of ints")
+        raise _bad(path, f"'{key}' is {labels.dtype} {list(labels.shape)}, expected a list of ints", ds)
     if len(labels) != len(data):
-        raise _bad(path, f"{len(labels)} labels for {len(data)} images")
-    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise _bad(path, f"labels span {labels.min()}..{labels.max()}, expected 0..{NUM_CLASSES - 1}")
+        raise _bad(path, f"{len(labels)} labels for {len(data)} images", ds)
+    if labels.size and (labels.min() < 0 or labels.max() >= ds.num_classes):
+        raise _bad(path, f"labels span {labels.min()}..{labels.max()}, expected 0..{ds.num_classes - 1}", ds)
     return data, labels.astype(np.int64)
 
 
-def _folder(root, download=False):
-    """The cifar-10-batches-py folder: root/cifar-10-batches-py, or root itself if it holds the files."""
+def _is_folder(path, ds):
+    """Whether path is ds's folder: by its name, or by holding ds.marks of its file names."""
+    return (os.path.basename(os.path.normpath(path)) == ds.folder
+            or sum(os.path.isfile(os.path.join(path, f)) for f in _files(ds)) >= ds.marks)
+
+
+def _folder(root, ds, download=False):
+    """ds's folder: root/<ds.folder>, or root itself if it is that folder; says so when root has the other set."""
     root = os.fspath(root)
-    if os.path.isdir(os.path.join(root, FOLDER)):
-        return os.path.join(root, FOLDER)
-    if (os.path.basename(os.path.normpath(root)) == FOLDER
-            or any(os.path.exists(os.path.join(root, f)) for f in TRAIN_FILES + [TEST_FILE, META_FILE])):
+    if os.path.isdir(os.path.join(root, ds.folder)):
+        return os.path.join(root, ds.folder)
+    if _is_folder(root, ds):
         return root
-    if download:
-        return download_cifar10(root)
-    raise DataError(f"missing {os.path.join(root, FOLDER)}: pass download=True, or {_BY_HAND}")
+    held = None  # the other data set when root holds its folder: the two may live side by side in one root
+    for o in DATASETS.values():
+        if o is not ds and _is_folder(root, o):  # root IS the other's folder: a download would nest ours in it
+            raise DataError(f"{root} is the {o.title} folder, not {ds.title}: pass --dataset {o.name}, or pass "
+                            f"--data the folder above it (download=True fetches {ds.folder}/ there)")
+        if o is not ds and os.path.isdir(os.path.join(root, o.folder)):
+            held = (f"{root} holds {o.title} ({o.folder}/), not {ds.title}: pass --dataset {o.name}, "
+                    f"or put {ds.folder}/ there")
+    if not download:
+        raise DataError(f"{held} (download=True fetches it)" if held else
+                        f"missing {os.path.join(root, ds.folder)}: pass download=True, or {_by_hand(ds)}")
+    try:
+        return _download(ds, root, ds.url, ds.md5)
+    except DataError as e:
+        if not held:
+            raise
+        raise DataError(f"{e}; note that {held}") from None
 
 
-def _path(folder, name):
+def _path(folder, name, ds):
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        raise DataError(f"missing {path}: {FOLDER}/ is incomplete; delete it and download again "
-                        f"(download=True), or {_BY_HAND}")
+        raise DataError(f"missing {path}: {ds.folder}/ is incomplete; delete it and download again "
+                        f"(download=True), or {_by_hand(ds)}")
     return path
 
 
-def _stack(paths):
-    """Batch files -> (x uint8 [N, 3, 32, 32], y int64 [N]) CPU tensors; one copy, no per-image work."""
-    data, labels = zip(*[_load_batch(p) for p in paths])
+def _stack(paths, ds):
+    """Files -> (x uint8 [N, 3, 32, 32], y int64 [N]) CPU tensors; one copy, no per-image work."""
+    data, labels = zip(*[_load_batch(p, ds) for p in paths])
     x = np.concatenate(data).reshape(-1, 3, 32, 32)  # rows are 1024 R, 1024 G, 1024 B, each 32x32 row-major
     return torch.from_numpy(x), torch.from_numpy(np.concatenate(labels))
 
 
-def load_cifar10(root, download=False):
+def load_dataset(name, root, download=False):
     """-> x_train uint8 [50000,3,32,32], y_train int64 [50000], x_test uint8 [10000,3,32,32], y_test int64 [10000].
 
-    CPU tensors. Downloads the archive first if download=True and root holds no CIFAR-10 folder.
+    name is a key of DATASETS ('cifar10', 'cifar100'). CPU tensors, labels 0..num_classes-1. Downloads the
+    archive first if download=True and root holds no folder of that data set.
     """
-    folder = _folder(root, download)
-    paths = {name: _path(folder, name) for name in TRAIN_FILES + [TEST_FILE, META_FILE]}  # all there, first
-    x_train, y_train = _stack([paths[name] for name in TRAIN_FILES])
-    x_test, y_test = _stack([paths[TEST_FILE]])
+    ds = _dataset(name)
+    folder = _folder(root, ds, download)
+    paths = {f: _path(folder, f, ds) for f in _files(ds)}  # all there, first
+    x_train, y_train = _stack([paths[f] for f in ds.train_files], ds)
+    x_test, y_test = _stack([paths[ds.test_file]], ds)
     return x_train, y_train, x_test, y_test
 
 
-def load_class_names(root):
-    """-> the 10 class names from batches.meta: ['airplane', 'automobile', ..., 'truck']."""
-    path = _path(_folder(root), META_FILE)
-    names = _unpickle(path).get('label_names')
-    if not (isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(n, str) for n in names)):
-        raise _bad(path, f"'label_names' is {names!r:.80}, expected a list of {NUM_CLASSES} str")
+def load_cifar10(root, download=False):  # labels 0..9
+    return load_dataset('cifar10', root, download)
+
+
+def load_cifar100(root, download=False):  # the fine labels 0..99
+    return load_dataset('cifar100', root, download)
+
+
+def load_class_names(root, dataset='cifar10'):
+    """-> the class names from the meta file: ['airplane', ..., 'truck'], or CIFAR-100's ['apple', ..., 'worm']."""
+    ds = _dataset(dataset)
+    path = _path(_folder(root, ds), ds.meta_file, ds)
+    names = _unpickle(path, ds).get(ds.names_key)
+    if not (isinstance(names, list) and len(names) == ds.num_classes and all(isinstance(n, str) for n in names)):
+        raise _bad(path, f"'{ds.names_key}' is {names!r:.80}, expected a list of {ds.num_classes} str", ds)
     return names
 
 
@@ -180,11 +242,11 @@ def _progress(done, total, width=30):
     sys.stderr.flush()
 
 
-def _fetch(url, dest, md5, timeout=60):
+def _fetch(url, dest, md5, ds, timeout=60):
     """Stream url into a temporary file beside dest; rename it to dest only once the md5 matches."""
     if urllib.parse.urlparse(url).scheme not in ('http', 'https', 'file'):
-        raise DataError(f"could not download {url}: only http, https and file URLs are fetched; {_BY_HAND}")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f'.{ARCHIVE}.', suffix='.part')
+        raise DataError(f"could not download {url}: only http, https and file URLs are fetched; {_by_hand(ds)}")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f'.{ds.archive}.', suffix='.part')
     digest, done = hashlib.md5(), 0
     try:
         sys.stderr.write(f"downloading {url}\n")
@@ -197,13 +259,13 @@ def _fetch(url, dest, md5, timeout=60):
                 _progress(done, total)
         if digest.hexdigest() != md5:
             raise DataError(f"md5 mismatch for {url}: expected {md5}, got {digest.hexdigest()}; the download is "
-                            f"corrupt or not {ARCHIVE} and was deleted; try again, or {_BY_HAND}")
+                            f"corrupt or not {ds.archive} and was deleted; try again, or {_by_hand(ds)}")
         os.replace(tmp, dest)  # atomic: dest is either absent or complete and verified
     except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, resets, a full disk
         if isinstance(e, urllib.error.HTTPError):
             e.close()  # it holds the open response
         reason = e.reason if type(e) is urllib.error.URLError else e  # HTTPError's str holds the status code
-        raise DataError(f"could not download {url}: {reason}; {_BY_HAND}") from None
+        raise DataError(f"could not download {url}: {reason}; {_by_hand(ds)}") from None
     finally:
         if done:
             sys.stderr.write('\n')  # end the progress line
@@ -216,29 +278,29 @@ def _md5(path):
         return hashlib.file_digest(f, 'md5').hexdigest()
 
 
-def _check_member(member, archive):
-    """Only regular files and folders inside cifar-10-batches-py/: no absolute paths, '..', links or devices."""
+def _check_member(member, archive, ds):
+    """Only regular files and folders inside ds's folder: no absolute paths, '..', links or devices."""
     parts = member.name.split('/')
     if member.name.startswith('/') or '..' in parts:
         why = 'its path escapes the target folder'
-    elif parts[0] != FOLDER:
-        why = f'it lies outside {FOLDER}/'
+    elif parts[0] != ds.folder:
+        why = f'it lies outside {ds.folder}/'
     elif not (member.isfile() or member.isdir()):
         why = 'it is a link or a device, not a regular file'
     else:
         return
     raise DataError(f"unsafe member {member.name!r} in {archive}: {why}; nothing was extracted. "
-                    f"This is not {ARCHIVE}: delete it and {_BY_HAND}")
+                    f"This is not {ds.archive}: delete it and {_by_hand(ds)}")
 
 
-def _extract(archive, root):
+def _extract(archive, root, ds):
     """Check every member, extract into a temporary folder in root, then rename it into place."""
     try:
         with tarfile.open(archive, 'r:gz') as tar:
             members = tar.getmembers()
             for m in members:  # all checks before the first byte is written
-                _check_member(m, archive)
-            tmp = tempfile.mkdtemp(dir=root, prefix=f'.{FOLDER}.')
+                _check_member(m, archive, ds)
+            tmp = tempfile.mkdtemp(dir=root, prefix=f'.{ds.folder}.')
             try:
                 for m in members:  # write the bytes ourselves: no owners, modes or links from the archive
                     path = os.path.join(tmp, *m.name.split('/'))
@@ -246,29 +308,35 @@ def _extract(archive, root):
                     if m.isfile():
                         with tar.extractfile(m) as src, open(path, 'wb') as dst:
                             shutil.copyfileobj(src, dst, 1 << 20)
-                if not os.path.isdir(os.path.join(tmp, FOLDER)):
-                    raise DataError(f"{archive} holds no {FOLDER}/: not {ARCHIVE}; delete it and {_BY_HAND}")
-                os.rename(os.path.join(tmp, FOLDER), os.path.join(root, FOLDER))
+                if not os.path.isdir(os.path.join(tmp, ds.folder)):
+                    raise DataError(f"{archive} holds no {ds.folder}/: not {ds.archive}; delete it and "
+                                    f"{_by_hand(ds)}")
+                os.rename(os.path.join(tmp, ds.folder), os.path.join(root, ds.folder))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except (tarfile.TarError, EOFError, OSError) as e:  # zlib.error is caught by tarfile as ReadError
-        raise DataError(f"cannot extract {archive} ({type(e).__name__}: {e}): delete it and {_BY_HAND}") from None
-    return os.path.join(root, FOLDER)
+        raise DataError(f"cannot extract {archive} ({type(e).__name__}: {e}): delete it and {_by_hand(ds)}") from None
+    return os.path.join(root, ds.folder)
 
 
-def download_cifar10(root, url=URL, md5=MD5):
-    """Fetch the archive into root (unless a verified copy is there), check its md5, extract cifar-10-batches-py/.
-
-    Returns the path of root/cifar-10-batches-py; returns it at once if that folder exists (delete it to redo).
-    """
+def _download(ds, root, url, md5):
+    """-> root/<ds.folder>: as it is if there (delete it to redo), else fetched, md5-checked, safely extracted."""
     root = os.fspath(root)
-    folder, archive = os.path.join(root, FOLDER), os.path.join(root, ARCHIVE)
+    folder, archive = os.path.join(root, ds.folder), os.path.join(root, ds.archive)
     if os.path.isdir(folder):
         return folder
     os.makedirs(root, exist_ok=True)
     if not (os.path.isfile(archive) and _md5(archive) == md5):  # else: verified by an earlier call
-        _fetch(url, archive, md5)
-    return _extract(archive, root)
+        _fetch(url, archive, md5, ds)
+    return _extract(archive, root, ds)
+
+
+def download_cifar10(root, url=URL, md5=MD5):  # -> root/cifar-10-batches-py; url: http(s) or file
+    return _download(_C10, root, url, md5)
+
+
+def download_cifar100(root, url=URL100, md5=MD5_100):  # -> root/cifar-100-python
+    return _download(_C100, root, url, md5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Tests for data.py on tiny files in the official format (Python-2 pickles written opcode by opcode), plus the
-real copy when one has been materialized (CIFAR10_DIR, or /tmp/c10):
+"""Tests for data.py on tiny files in the official format (Python-2 pickles written opcode by opcode), CIFAR-10's
+and CIFAR-100's (most tests run once per data set, through the `ds` fixture), plus the real CIFAR-10 copy when
+one has been materialized (CIFAR10_DIR, or /tmp/c10):
 
     python /work/shared/cifar10/materialize.py /tmp/c10   # needs Pillow, only for this
     python -m pytest -q test_data.py
@@ -8,6 +9,7 @@ import contextlib
 import functools
 import hashlib
 import http.server
+import inspect
 import io
 import os
 import pickle
@@ -66,33 +68,59 @@ def py2_pickle(d):
     return b'\x80\x02}(' + b''.join(_str(k) + _obj(v) for k, v in d.items()) + b'u.'
 
 
-def batch_bytes(images, labels):
-    return py2_pickle({b'batch_label': b'training batch', b'labels': [int(i) for i in labels],
+def coarse(fine):  # CIFAR-100's 20 superclasses; any map that differs from the fine labels will do
+    return [int(i) // 5 for i in fine]
+
+
+def batch_bytes(images, labels, dataset='cifar10'):
+    """A batch file as Python 2 wrote it: CIFAR-10's 'labels', or CIFAR-100's 'fine_labels' + 'coarse_labels'."""
+    labels = [int(i) for i in labels]
+    keyed = {b'labels': labels} if dataset == 'cifar10' else {b'fine_labels': labels, b'coarse_labels': coarse(labels)}
+    return py2_pickle({b'batch_label': b'training batch', **keyed,
                        b'data': images, b'filenames': [b'img_%d.png' % i for i in range(len(labels))]})
 
 
-def make_cifar(root, seed=0):
-    """root/cifar-10-batches-py/ with N images per file -> {file name: (data [N, 3072], labels [N])}."""
-    folder = os.path.join(root, data.FOLDER)
+CIFAR100_NAMES = [b'apple', b'aquarium_fish', b'baby'] + [b'class_%d' % i for i in range(3, 100)]
+
+
+def meta_bytes(dataset='cifar10'):
+    if dataset == 'cifar10':
+        names = [b'airplane', b'automobile', b'bird', b'cat', b'deer', b'dog', b'frog', b'horse', b'ship', b'truck']
+        return py2_pickle({b'num_cases_per_batch': N, b'label_names': names, b'num_vis': 3072})
+    coarse_names = [b'superclass_%d' % i for i in range(20)]
+    return py2_pickle({b'fine_label_names': CIFAR100_NAMES, b'coarse_label_names': coarse_names})
+
+
+def make_cifar(root, seed=0, dataset='cifar10'):
+    """root/<the data set's folder>/ with 5 N training and N test images -> {file name: (data [n, 3072], labels [n])}.
+
+    CIFAR-10 has N images in each of its 5 training batches, CIFAR-100 all 5 N in its one `train` file; CIFAR-100's
+    labels are the fine ones, and its training labels include 0 and 99.
+    """
+    ds = data.DATASETS[dataset]
+    folder = os.path.join(root, ds.folder)
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     written = {}
-    for name in data.TRAIN_FILES + [data.TEST_FILE]:
-        images = rng.integers(0, 256, (N, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, N)
+    for name in ds.train_files + (ds.test_file,):
+        n = 5 * N // len(ds.train_files) if name in ds.train_files else N
+        images = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, ds.num_classes, n)
+        if name == ds.train_files[0]:
+            labels[:2] = 0, ds.num_classes - 1  # the whole range
         with open(os.path.join(folder, name), 'wb') as f:
-            f.write(batch_bytes(images, labels))
+            f.write(batch_bytes(images, labels, dataset))
         written[name] = images, labels
-    names = [b'airplane', b'automobile', b'bird', b'cat', b'deer', b'dog', b'frog', b'horse', b'ship', b'truck']
-    with open(os.path.join(folder, data.META_FILE), 'wb') as f:
-        f.write(py2_pickle({b'num_cases_per_batch': N, b'label_names': names, b'num_vis': 3072}))
+    with open(os.path.join(folder, ds.meta_file), 'wb') as f:
+        f.write(meta_bytes(dataset))
     return written
 
 
-def make_tarball(src_root, path, extra=()):
-    """A cifar-10-python.tar.gz of src_root/cifar-10-batches-py, then the (TarInfo, bytes) members of `extra`."""
+def make_tarball(src_root, path, extra=(), dataset='cifar10'):
+    """The data set's .tar.gz of its folder in src_root, then the (TarInfo, bytes) members of `extra`."""
+    folder = data.DATASETS[dataset].folder
     with tarfile.open(path, 'w:gz') as tar:
-        tar.add(os.path.join(src_root, data.FOLDER), arcname=data.FOLDER)
+        tar.add(os.path.join(src_root, folder), arcname=folder)
         for info, payload in extra:
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
@@ -100,17 +128,31 @@ def make_tarball(src_root, path, extra=()):
         return hashlib.md5(f.read()).hexdigest()
 
 
-@pytest.fixture
-def cifar(tmp_path):
-    return tmp_path, make_cifar(tmp_path)
+@pytest.fixture(params=['cifar10', 'cifar100'])
+def ds(request):
+    """The data set a test runs on: each test that asks for it (or for cifar, tarball) runs once per data set."""
+    return data.DATASETS[request.param]
+
+
+def load(ds, root, download=False):  # load_cifar10 or load_cifar100, the public names
+    return getattr(data, f'load_{ds.name}')(root, download=download)
+
+
+def download(ds, root, **kwargs):  # download_cifar10 or download_cifar100
+    return getattr(data, f'download_{ds.name}')(root, **kwargs)
 
 
 @pytest.fixture
-def tarball(tmp_path):
-    """(path, md5) of a tiny valid archive in tmp_path/src."""
-    make_cifar(tmp_path / 'src')
-    path = tmp_path / 'src' / data.ARCHIVE
-    return path, make_tarball(tmp_path / 'src', path)
+def cifar(tmp_path, ds):
+    return tmp_path, make_cifar(tmp_path, dataset=ds.name)
+
+
+@pytest.fixture
+def tarball(tmp_path, ds):
+    """(path, md5) of a tiny valid archive of ds in tmp_path/src."""
+    make_cifar(tmp_path / 'src', dataset=ds.name)
+    path = tmp_path / 'src' / ds.archive
+    return path, make_tarball(tmp_path / 'src', path, dataset=ds.name)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -133,10 +175,12 @@ def serve(directory):
         thread.join(timeout=5)
 
 
-def test_helper_writes_python2_format():
-    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(batch_bytes(np.zeros((2, 3072), np.uint8), [1, 2]))]
+@pytest.mark.parametrize('dataset, key', [('cifar10', 'labels'), ('cifar100', 'fine_labels')])
+def test_helper_writes_python2_format(dataset, key):
+    blob = batch_bytes(np.zeros((2, 3072), np.uint8), [1, 2], dataset)
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(blob)]
     assert ops[0] == ('PROTO', 2)
-    assert ('SHORT_BINSTRING', 'data') in ops and ('SHORT_BINSTRING', 'labels') in ops  # Python 2 str keys
+    assert ('SHORT_BINSTRING', 'data') in ops and ('SHORT_BINSTRING', key) in ops  # Python 2 str keys
     assert ('GLOBAL', 'numpy.core.multiarray _reconstruct') in ops
     assert not any(name in ('BINUNICODE', 'BINBYTES', 'SHORT_BINBYTES') for name, _ in ops)
 
@@ -144,79 +188,133 @@ def test_helper_writes_python2_format():
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 
-def test_load_shapes_layout_labels(cifar):
+def test_load_shapes_layout_labels(cifar, ds):
     root, written = cifar
-    x_train, y_train, x_test, y_test = data.load_cifar10(root)
+    x_train, y_train, x_test, y_test = load(ds, root)
     assert x_train.shape == (5 * N, 3, 32, 32) and x_test.shape == (N, 3, 32, 32)
     assert x_train.dtype == x_test.dtype == torch.uint8 and y_train.dtype == y_test.dtype == torch.int64
     assert x_train.device.type == 'cpu'
-    # data_batch_3, image 7, channel c, row h, column w sits at data[7, 1024 c + 32 h + w]
-    images, labels = written['data_batch_3']
+    # the last training file, image 7, channel c, row h, column w sits at data[7, 1024 c + 32 h + w]
+    images, labels = written[ds.train_files[-1]]
     for c, h, w in [(0, 0, 0), (1, 5, 17), (2, 31, 31), (2, 0, 31), (0, 31, 0)]:
-        assert x_train[2 * N + 7, c, h, w] == images[7, 1024 * c + 32 * h + w]
-    expect = np.concatenate([written[f][0] for f in data.TRAIN_FILES]).reshape(-1, 3, 32, 32)
+        assert x_train[5 * N - len(images) + 7, c, h, w] == images[7, 1024 * c + 32 * h + w]
+    expect = np.concatenate([written[f][0] for f in ds.train_files]).reshape(-1, 3, 32, 32)
     assert np.array_equal(x_train.numpy(), expect)
-    assert y_train.tolist() == np.concatenate([written[f][1] for f in data.TRAIN_FILES]).tolist()
-    assert np.array_equal(x_test.numpy(), written['test_batch'][0].reshape(-1, 3, 32, 32))
-    assert y_test.tolist() == written['test_batch'][1].tolist()
+    assert y_train.tolist() == np.concatenate([written[f][1] for f in ds.train_files]).tolist()
+    assert np.array_equal(x_test.numpy(), written[ds.test_file][0].reshape(-1, 3, 32, 32))
+    assert y_test.tolist() == written[ds.test_file][1].tolist()
+    assert y_train.min() == 0 and y_train.max() == ds.num_classes - 1
+    if ds.name == 'cifar100':  # the fine labels, not the coarse ones written beside them
+        assert y_train.tolist() != coarse(y_train.tolist())
+    assert data.load_dataset(ds.name, root)[3].tolist() == y_test.tolist()  # the generic entry point
 
 
-@pytest.mark.parametrize('as_folder', [False, True])
-def test_root_is_parent_or_folder(cifar, as_folder):
+def test_datasets_table():
+    c10, c100 = data.DATASETS['cifar10'], data.DATASETS['cifar100']
+    assert (c10.num_classes, c10.mean, c10.std) == (10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    assert (c100.num_classes, c100.mean, c100.std) == (100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    for fn, url, md5 in [(data.download_cifar10, 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
+                          'c58f30108f718f92721af3b95e74349a'),
+                         (data.download_cifar100, 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz',
+                          'eb9058c3a382ffc7106e4002c42a8d85')]:
+        params = inspect.signature(fn).parameters
+        assert list(params) == ['root', 'url', 'md5']
+        assert (params['url'].default, params['md5'].default) == (url, md5)
+    assert (data.URL, data.MD5, data.URL100, data.MD5_100) == (c10.url, c10.md5, c100.url, c100.md5)
+
+
+@pytest.mark.parametrize('as_folder', [False, True, 'renamed'])
+def test_root_is_parent_or_folder(cifar, ds, as_folder):
     root, written = cifar
-    root = root / data.FOLDER if as_folder else root
-    assert data.load_cifar10(root)[3].tolist() == written['test_batch'][1].tolist()
-    assert data.load_class_names(str(root))[:3] == ['airplane', 'automobile', 'bird']
-    assert len(data.load_class_names(root)) == 10
+    if as_folder == 'renamed':  # known by its files alone
+        os.rename(root / ds.folder, root / 'mine')
+    root = root / ('mine' if as_folder == 'renamed' else ds.folder) if as_folder else root
+    assert load(ds, root)[3].tolist() == written[ds.test_file][1].tolist()
+    first = ['airplane', 'automobile', 'bird'] if ds.name == 'cifar10' else ['apple', 'aquarium_fish', 'baby']
+    assert data.load_class_names(str(root), ds.name)[:3] == first
+    assert len(data.load_class_names(root, dataset=ds.name)) == ds.num_classes
 
 
-def test_missing_folder(tmp_path):
-    with pytest.raises(DataError, match=r'missing .*cifar-10-batches-py: pass download=True, or download .* by hand.*--data DIR'):
-        data.load_cifar10(tmp_path)
+def test_load_class_names_defaults_to_cifar10(tmp_path):
+    make_cifar(tmp_path)
+    make_cifar(tmp_path, dataset='cifar100')  # side by side in one root
+    assert data.load_class_names(tmp_path)[0] == 'airplane' and len(data.load_class_names(tmp_path)) == 10
+    assert data.load_class_names(tmp_path, 'cifar100')[0] == 'apple'
 
 
-@pytest.mark.parametrize('name', ['data_batch_3', 'test_batch', 'batches.meta'])
-def test_missing_file(cifar, name):
-    root, _ = cifar
-    os.remove(root / data.FOLDER / name)
-    with pytest.raises(DataError, match=rf'missing .*{name}.*--data DIR'):
-        data.load_cifar10(root)
+def test_missing_folder(tmp_path, ds):
+    with pytest.raises(DataError, match=rf'missing .*{ds.folder}: pass download=True, or download {ds.archive} '
+                                        r'by hand.*--data DIR'):
+        load(ds, tmp_path)
+
+
+@pytest.mark.parametrize('files', [['test'], ['train', 'test'], ['meta', 'test']])
+def test_generic_names_are_not_cifar100(tmp_path, files):
+    """A folder holding a file called test (or two of train/test/meta) is not taken for cifar-100-python/."""
+    for f in files:
+        (tmp_path / f).write_bytes(b'something else')
+    with pytest.raises(DataError, match=r'missing .*cifar-100-python: pass download=True'):
+        data.load_cifar100(tmp_path)
+
+
+def _missing_files():
+    for ds in data.DATASETS.values():
+        for name in [ds.train_files[-1], ds.test_file, ds.meta_file]:
+            yield pytest.param(ds.name, name, id=f'{ds.name}-{name}')
+
+
+@pytest.mark.parametrize('dataset, name', _missing_files())
+def test_missing_file(tmp_path, dataset, name):
+    ds = data.DATASETS[dataset]
+    make_cifar(tmp_path, dataset=dataset)
+    os.remove(tmp_path / ds.folder / name)
+    with pytest.raises(DataError, match=rf'missing .*{name}: {ds.folder}/ is incomplete.*{ds.archive}.*--data DIR'):
+        load(ds, tmp_path)
 
 
 @pytest.mark.parametrize('keep', [0, 10, 0.5])
-def test_truncated_file(cifar, keep):
+def test_truncated_file(cifar, ds, keep):
     root, _ = cifar
-    path = root / data.FOLDER / 'data_batch_4'
+    name = ds.train_files[-1]
+    path = root / ds.folder / name
     blob = path.read_bytes()
     path.write_bytes(blob[:int(len(blob) * keep) if isinstance(keep, float) else keep])
-    with pytest.raises(DataError, match=r'data_batch_4.*truncated or corrupt'):
-        data.load_cifar10(root)
+    with pytest.raises(DataError, match=rf'{name} .*truncated or corrupt; delete {ds.folder}/.*{ds.archive}'):
+        load(ds, root)
 
 
 ZEROS = np.zeros((N, 3072), np.uint8)  # a valid batch's data and labels
 LABELS = [0] * N
 
 
-@pytest.mark.parametrize('content, why', [
-    pytest.param(batch_bytes(np.zeros((N, 3071), np.uint8), LABELS), r'expected uint8 \[n, 3072\]', id='shape'),
-    pytest.param(batch_bytes(np.zeros((N, 3072), np.uint16), LABELS), r'uint16', id='uint16'),
-    pytest.param(batch_bytes(np.zeros((N, 3072), np.float32), LABELS), r'float32', id='float32'),
-    pytest.param(batch_bytes(ZEROS, [10] + LABELS[1:]), r'labels span 0..10', id='label-10'),
-    pytest.param(batch_bytes(ZEROS, [-1] + LABELS[1:]), r'labels span -1..0', id='label-minus-1'),
-    pytest.param(batch_bytes(ZEROS, LABELS[1:]), r'19 labels for 20 images', id='label-count'),
-    pytest.param(py2_pickle({b'data': ZEROS, b'labels': [b'cat'] * N}), r'expected a list of ints', id='label-str'),
-    pytest.param(py2_pickle({b'data': ZEROS}), r"lack 'data' or 'labels'", id='no-labels'),
-    pytest.param(b'\x80\x02](K\x01e.', r'holds a list, not a dict', id='not-a-dict'),
+# Each entry: (ds -> file content, what the message says, with {k} the number of classes and {key} the label key)
+@pytest.mark.parametrize('make, why', [
+    pytest.param(lambda ds: batch_bytes(np.zeros((N, 3071), np.uint8), LABELS, ds.name),
+                 r'expected uint8 \[n, 3072\]', id='shape'),
+    pytest.param(lambda ds: batch_bytes(np.zeros((N, 3072), np.uint16), LABELS, ds.name), r'uint16', id='uint16'),
+    pytest.param(lambda ds: batch_bytes(np.zeros((N, 3072), np.float32), LABELS, ds.name), r'float32', id='float32'),
+    pytest.param(lambda ds: batch_bytes(ZEROS, [ds.num_classes] + LABELS[1:], ds.name),
+                 r'labels span 0..{k}, expected 0..{k_1}', id='label-too-big'),
+    pytest.param(lambda ds: batch_bytes(ZEROS, [-1] + LABELS[1:], ds.name), r'labels span -1..0', id='label-minus-1'),
+    pytest.param(lambda ds: batch_bytes(ZEROS, LABELS[1:], ds.name), r'19 labels for 20 images', id='label-count'),
+    pytest.param(lambda ds: py2_pickle({b'data': ZEROS, ds.label_key.encode(): [b'cat'] * N}),
+                 r"'{key}' is .*expected a list of ints", id='label-str'),
+    pytest.param(lambda ds: py2_pickle({b'data': ZEROS}), r"lack 'data' or '{key}'", id='no-labels'),
+    pytest.param(lambda ds: batch_bytes(ZEROS, LABELS, 'cifar100' if ds.name == 'cifar10' else 'cifar10'),
+                 r"lack 'data' or '{key}'", id='other-data-sets-file'),
+    pytest.param(lambda ds: b'\x80\x02](K\x01e.', r'holds a list, not a dict', id='not-a-dict'),
 ])
-def test_bad_content(cifar, content, why):
+def test_bad_content(cifar, ds, make, why):
     root, _ = cifar
-    (root / data.FOLDER / 'data_batch_2').write_bytes(content)
-    with pytest.raises(DataError, match=rf'data_batch_2.*{why}'):
-        data.load_cifar10(root)
+    name = ds.train_files[0]
+    (root / ds.folder / name).write_bytes(make(ds))
+    why = why.format(k=ds.num_classes, k_1=ds.num_classes - 1, key=ds.label_key)
+    with pytest.raises(DataError, match=rf'{name}:? .*{why}.*not an? (intact )?{ds.title} file'):
+        load(ds, root)
 
 
 @pytest.mark.parametrize('how', ['os.system', 'open', 'nested'])
-def test_malicious_pickle_runs_nothing(cifar, how):
+def test_malicious_pickle_runs_nothing(cifar, ds, how):
     root, _ = cifar
     marker = root / 'pwned'
     system, write = (os.system, ('touch ' + shlex.quote(str(marker)),)), (open, (str(marker), 'w'))
@@ -231,11 +329,21 @@ def test_malicious_pickle_runs_nothing(cifar, how):
     assert marker.exists()
     marker.unlink()
     if how == 'nested':  # hidden inside an otherwise valid batch
-        evil = py2_pickle({b'data': ZEROS, b'labels': RawOps(evil[2:-1])})
-    (root / data.FOLDER / 'data_batch_1').write_bytes(evil)
-    with pytest.raises(DataError, match=r'refusing to unpickle (posix\.system|io\.open) in .*data_batch_1'):
-        data.load_cifar10(root)
+        evil = py2_pickle({b'data': ZEROS, ds.label_key.encode(): RawOps(evil[2:-1])})
+    name = ds.train_files[0]
+    (root / ds.folder / name).write_bytes(evil)
+    with pytest.raises(DataError, match=rf'refusing to unpickle (posix\.system|io\.open) in .*{name}: '
+                                        rf'not a {ds.title} file.*{ds.archive}'):
+        load(ds, root)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize('name', ['nope', 'CIFAR10', 'cifar-10'])
+def test_unknown_data_set(tmp_path, name):
+    make_cifar(tmp_path)
+    for call in (lambda: data.load_dataset(name, tmp_path), lambda: data.load_class_names(tmp_path, name)):
+        with pytest.raises(DataError, match=rf"unknown data set '{name}': use one of cifar10, cifar100$"):
+            call()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,59 +353,63 @@ def assert_only(folder, names):
     assert sorted(os.listdir(folder)) == sorted(names)  # no temp files, no partial folders
 
 
-def test_download_file_url(tarball, tmp_path, capsys):
+def test_download_file_url(tarball, tmp_path, ds, capsys):
     path, md5 = tarball
     dest = tmp_path / 'dest'
-    folder = data.download_cifar10(dest, url=path.as_uri(), md5=md5)
-    assert folder == str(dest / data.FOLDER)
-    assert_only(dest, [data.FOLDER, data.ARCHIVE])
-    assert data.load_cifar10(dest)[0].shape == (5 * N, 3, 32, 32)
+    folder = download(ds, dest, url=path.as_uri(), md5=md5)
+    assert folder == str(dest / ds.folder)
+    assert_only(dest, [ds.folder, ds.archive])
+    assert load(ds, dest)[0].shape == (5 * N, 3, 32, 32)
     assert 'MB' in capsys.readouterr().err  # the progress bar
-    assert data.download_cifar10(dest, url='http://unused.invalid/', md5=md5) == folder  # already there
+    assert download(ds, dest, url='http://unused.invalid/', md5=md5) == folder  # already there
     # a verified archive is extracted again without fetching anything
-    os.rename(dest / data.FOLDER, tmp_path / 'moved')
-    assert data.download_cifar10(dest, url='http://unused.invalid/', md5=md5) == folder
-    assert_only(dest, [data.FOLDER, data.ARCHIVE])
+    os.rename(dest / ds.folder, tmp_path / 'moved')
+    assert download(ds, dest, url='http://unused.invalid/', md5=md5) == folder
+    assert_only(dest, [ds.folder, ds.archive])
 
 
-def test_download_http_and_load(tarball, tmp_path, monkeypatch):
+def serve_as_official(monkeypatch, ds, url, md5):
+    """Make load_dataset(ds.name, ..., download=True) fetch url (checked against md5) instead of the real one."""
+    monkeypatch.setitem(data.DATASETS, ds.name, ds._replace(url=url, md5=md5))
+
+
+def test_download_http_and_load(tarball, tmp_path, ds, monkeypatch):
     path, md5 = tarball
     dest = tmp_path / 'dest'
     with serve(path.parent) as base:
-        with pytest.raises(DataError, match=r'could not download .*404.*by hand.*--data DIR'):
-            data.download_cifar10(dest, url=f'{base}/nope.tar.gz', md5=md5)
+        with pytest.raises(DataError, match=rf'could not download .*404.*{ds.archive} by hand.*--data DIR'):
+            download(ds, dest, url=f'{base}/nope.tar.gz', md5=md5)
         assert_only(dest, [])
-        real = data.download_cifar10
-        monkeypatch.setattr(data, 'download_cifar10', lambda root: real(root, url=f'{base}/{path.name}', md5=md5))
-        x_train, y_train, x_test, y_test = data.load_cifar10(dest, download=True)
+        serve_as_official(monkeypatch, ds, f'{base}/{path.name}', md5)
+        x_train, y_train, x_test, y_test = load(ds, dest, download=True)
     assert x_test.shape == (N, 3, 32, 32)
-    assert_only(dest, [data.FOLDER, data.ARCHIVE])
+    assert_only(dest, [ds.folder, ds.archive])
 
 
-def test_download_md5_mismatch(tarball, tmp_path):
+def test_download_md5_mismatch(tarball, tmp_path, ds):
     path, md5 = tarball
     dest = tmp_path / 'dest'
-    with pytest.raises(DataError, match=rf'md5 mismatch .*expected 0{{32}}, got {md5}'):
-        data.download_cifar10(dest, url=path.as_uri(), md5='0' * 32)
+    with pytest.raises(DataError, match=rf'md5 mismatch .*expected 0{{32}}, got {md5}.*not {ds.archive}'):
+        download(ds, dest, url=path.as_uri(), md5='0' * 32)
     assert_only(dest, [])
 
 
-def test_download_failure_says_what_to_do(tmp_path):
+def test_download_failure_says_what_to_do(tmp_path, ds):
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     for url in [f'http://127.0.0.1:{port}/c.tar.gz', (tmp_path / 'absent.tar.gz').as_uri(), 'ftp://127.0.0.1/x']:
-        with pytest.raises(DataError, match=r'could not download .*by hand.*--data DIR'):
-            data.download_cifar10(tmp_path / 'dest', url=url, md5=data.MD5)
+        with pytest.raises(DataError, match=rf'could not download .*{ds.archive} by hand from {ds.url}.*--data DIR'):
+            download(ds, tmp_path / 'dest', url=url, md5=ds.md5)
         assert_only(tmp_path / 'dest', [])
 
 
-def test_corrupt_archive(tmp_path):
+def test_corrupt_archive(tmp_path, ds):
     bad = tmp_path / 'bad.tar.gz'
     bad.write_bytes(b'not a gzip file' * 100)
     with pytest.raises(DataError, match=r'cannot extract'):
-        data.download_cifar10(tmp_path / 'dest', url=bad.as_uri(), md5=hashlib.md5(bad.read_bytes()).hexdigest())
-    assert_only(tmp_path / 'dest', [data.ARCHIVE])
+        download(ds, tmp_path / 'dest', url=bad.as_uri(), md5=hashlib.md5(bad.read_bytes()).hexdigest())
+    assert_only(tmp_path / 'dest', [ds.archive])
 
 
 def _member(name, kind=tarfile.REGTYPE, link=''):
@@ -306,25 +418,86 @@ def _member(name, kind=tarfile.REGTYPE, link=''):
     return info
 
 
-@pytest.mark.parametrize('make', [
-    pytest.param(lambda t: _member(str(t / 'abs_evil')), id='absolute'),
-    pytest.param(lambda t: _member('../evil'), id='dotdot'),
-    pytest.param(lambda t: _member('cifar-10-batches-py/../../evil'), id='inner-dotdot'),
-    pytest.param(lambda t: _member('evil'), id='outside-folder'),
-    pytest.param(lambda t: _member('cifar-10-batches-py/link', tarfile.SYMTYPE, '/etc/passwd'), id='symlink'),
-    pytest.param(lambda t: _member('cifar-10-batches-py/hard', tarfile.LNKTYPE, '/etc/passwd'), id='hardlink'),
-    pytest.param(lambda t: _member('cifar-10-batches-py/dev', tarfile.CHRTYPE), id='device'),
+@pytest.mark.parametrize('make', [  # (tmp_path, the data set's folder) -> the bad member
+    pytest.param(lambda t, f: _member(str(t / 'abs_evil')), id='absolute'),
+    pytest.param(lambda t, f: _member('../evil'), id='dotdot'),
+    pytest.param(lambda t, f: _member(f'{f}/../../evil'), id='inner-dotdot'),
+    pytest.param(lambda t, f: _member('evil'), id='outside-folder'),
+    pytest.param(lambda t, f: _member('cifar-10-batches-py/x' if '100' in f else 'cifar-100-python/x'),
+                 id='other-data-sets-folder'),
+    pytest.param(lambda t, f: _member(f'{f}/link', tarfile.SYMTYPE, '/etc/passwd'), id='symlink'),
+    pytest.param(lambda t, f: _member(f'{f}/hard', tarfile.LNKTYPE, '/etc/passwd'), id='hardlink'),
+    pytest.param(lambda t, f: _member(f'{f}/dev', tarfile.CHRTYPE), id='device'),
 ])
-def test_unsafe_member_rejected_before_extracting(tmp_path, make):
-    make_cifar(tmp_path / 'src')
-    info = make(tmp_path)
-    path = tmp_path / 'src' / data.ARCHIVE
-    md5 = make_tarball(tmp_path / 'src', path, extra=[(info, b'' if info.islnk() or info.issym() else b'x')])
+def test_unsafe_member_rejected_before_extracting(tmp_path, ds, make):
+    make_cifar(tmp_path / 'src', dataset=ds.name)
+    info = make(tmp_path, ds.folder)
+    path = tmp_path / 'src' / ds.archive
+    md5 = make_tarball(tmp_path / 'src', path, extra=[(info, b'' if info.islnk() or info.issym() else b'x')],
+                       dataset=ds.name)
     dest = tmp_path / 'a' / 'dest'  # '../../evil' from here would land in tmp_path
-    with pytest.raises(DataError, match=rf'unsafe member {info.name!r}.*nothing was extracted'):
-        data.download_cifar10(dest, url=path.as_uri(), md5=md5)
-    assert_only(dest, [data.ARCHIVE])  # the valid files before the bad member were not written either
+    with pytest.raises(DataError, match=rf'unsafe member {info.name!r}.*nothing was extracted.*not {ds.archive}'):
+        download(ds, dest, url=path.as_uri(), md5=md5)
+    assert_only(dest, [ds.archive])  # the valid files before the bad member were not written either
     assert not any(p.name in ('evil', 'abs_evil') for p in tmp_path.rglob('*'))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The wrong data set: asked for one, root is or holds the other
+
+def _other(ds):
+    return data.DATASETS['cifar100' if ds.name == 'cifar10' else 'cifar10']
+
+
+@pytest.mark.parametrize('renamed', [False, True])
+@pytest.mark.parametrize('with_download', [False, True])
+def test_root_is_the_other_data_sets_folder(tmp_path, ds, renamed, with_download, monkeypatch):
+    """Fails at once, never downloading into the other's folder (which would nest one folder in the other)."""
+    other = _other(ds)
+    make_cifar(tmp_path, dataset=other.name)
+    root = tmp_path / other.folder
+    if renamed:  # known by its files alone
+        root = root.rename(tmp_path / 'mine')
+    before = sorted(os.listdir(root))
+    serve_as_official(monkeypatch, ds, (tmp_path / 'never-fetched.tar.gz').as_uri(), ds.md5)
+    with pytest.raises(DataError, match=rf'^{root} is the {other.title} folder, not {ds.title}: pass --dataset '
+                                        rf'{other.name}, or pass --data the folder above it \(download=True '
+                                        rf'fetches {ds.folder}/ there\)$'):
+        load(ds, root, download=with_download)
+    assert sorted(os.listdir(root)) == before  # nothing fetched, nothing written
+
+
+def test_root_holds_only_the_other_data_set(tmp_path, ds):
+    other = _other(ds)
+    make_cifar(tmp_path, dataset=other.name)
+    with pytest.raises(DataError, match=rf'^{tmp_path} holds {other.title} \({other.folder}/\), not {ds.title}: '
+                                        rf'pass --dataset {other.name}, or put {ds.folder}/ there '
+                                        rf'\(download=True fetches it\)$'):
+        load(ds, tmp_path)
+    assert data.load_dataset(other.name, tmp_path)[0].shape == (5 * N, 3, 32, 32)  # the other still loads
+
+
+def test_download_beside_the_other_data_set(tarball, tmp_path, ds, monkeypatch):
+    """Both data sets may live in one --data folder: download=True fetches the one asked for beside the other."""
+    path, md5 = tarball
+    other = _other(ds)
+    dest = tmp_path / 'dest'
+    make_cifar(dest, dataset=other.name)
+    serve_as_official(monkeypatch, ds, path.as_uri(), md5)
+    assert load(ds, dest, download=True)[0].shape == (5 * N, 3, 32, 32)
+    assert_only(dest, [ds.folder, ds.archive, other.folder])
+    assert data.load_dataset(other.name, dest)[0].shape == (5 * N, 3, 32, 32)
+
+
+def test_failed_download_beside_the_other_data_set_says_so(tmp_path, ds, monkeypatch):
+    other = _other(ds)
+    make_cifar(tmp_path, dataset=other.name)
+    serve_as_official(monkeypatch, ds, (tmp_path / 'absent.tar.gz').as_uri(), ds.md5)  # no network here either
+    with pytest.raises(DataError, match=rf'^could not download .*{ds.archive} by hand.*; note that {tmp_path} holds '
+                                        rf'{other.title} \({other.folder}/\), not {ds.title}: pass --dataset '
+                                        rf'{other.name}, or put {ds.folder}/ there$'):
+        load(ds, tmp_path, download=True)
+    assert_only(tmp_path, [other.folder])
 
 
 # ----------------------------------------------------------------------------------------------------------------
