@@ -1,19 +1,20 @@
-"""Adversarial attacks as explicit loops: FGSM, PGD (CE or CW margin), Carlini-Wagner L2, Auto-PGD.
+"""Adversarial attacks as explicit loops: FGSM, PGD (CE or CW margin), Carlini-Wagner L2, Auto-PGD, Square.
 
-    from attacks import fgsm, pgd, cw_l2, apgd
+    from attacks import fgsm, pgd, cw_l2, apgd, square
     model.eval()                                                   # the caller picks the mode; attacks keep it
     x_adv = fgsm(model, x, y, eps=8/255)                           # Goodfellow et al. 2015
     x_adv = pgd(model, x, y, eps=8/255, alpha=2/255, steps=20)     # PGD-20, Madry et al. 2018
     x_adv = pgd(model, x, y, 8/255, 2/255, 30, loss='cw')          # CW-inf: PGD on the Carlini-Wagner margin
     x_adv = apgd(model, x, y, eps=8/255, loss='ce')                # APGD-CE, Croce & Hein 2020
     x_adv = apgd(model, x, y, eps=8/255, loss='dlr', targeted=True)  # APGD-T (targeted DLR, 9 targets)
+    x_adv = square(model, x, y, eps=8/255, queries=5000)           # Square Attack, Andriushchenko et al. 2020
     x_adv = cw_l2(model, x, y)                                     # Carlini & Wagner 2017, L2
     robust_acc = (model(x_adv).argmax(1) == y).float().mean()
 
 Every attack takes x float [N, 3, H, W] in [0, 1], y int64 [N] and a model that maps [0, 1] images to logits
 (normalization inside the model, eps in pixel units: AutoAttack's contract), and returns a detached x_adv in
-[0, 1] of x's dtype and device; L-inf attacks stay within eps of x. Gradients are taken with
-torch.autograd.grad on the input only, so the model's parameters never get a .grad, and its train/eval mode
+[0, 1] of x's dtype and device; L-inf attacks stay within eps of x. Gradients (square needs none) are taken
+with torch.autograd.grad on the input only, so the model's parameters never get a .grad, and its train/eval mode
 is left alone. The attacks work inside torch.no_grad() and under torch.autocast (losses in float32).
 """
 import functools
@@ -307,4 +308,71 @@ def apgd(model, x, y, eps, steps=100, loss="ce", targeted=False, n_targets=9, se
         adv, margin = _apgd_run(model, x[todo], y[todo], eps, steps, loss_fn, generator)
         better = margin < best_margin[todo]  # (M,)
         best[todo[better]], best_margin[todo[better]] = adv[better], margin[better]
+    return best
+
+
+# ---------------------------------------------------------------- Square Attack
+
+
+def _square_p(it, queries, p_init):
+    """Fraction p of the image that update `it` (0-based) resamples: the paper's schedule for 10,000 queries,
+    p_init halved after updates 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000, stretched to `queries`."""
+    it = it * 10000 // queries  # AutoAttack's rescaling: the same schedule shape for any budget
+    return p_init / 2 ** sum(it > b for b in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
+
+
+def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
+    """L-inf Square Attack (Andriushchenko et al. 2020), untargeted, as AutoAttack's standard version runs it.
+
+    A random search that reads only the logits: from vertical stripes x +- eps, each update sets a random square
+    of side round(sqrt(p * H * W)) to x +- eps (one random sign per channel) and keeps it where it lowers the
+    margin z_y - max_{i!=y} z_i; p shrinks by `_square_p`. Only images not yet fooled (margin >= 0) are queried.
+    `queries` is the budget of model evaluations per image, the clean one and the stripes included, so at most
+    queries - 2 updates; with queries=1 it returns x. Returns x where the clean input is misclassified, else the
+    lowest-margin point of the search. Randomness from a generator seeded by `seed`: reproducible per seed.
+    """
+    x = _check_inputs(x, y)
+    eps = _check_number("eps", eps)
+    _check_count("queries", queries)
+    if not 0 < float(p_init) <= 1:  # written so that NaN fails too
+        raise ValueError(f"p_init must be in (0, 1], got {p_init}")
+    n, c, h, w = x.shape
+    view, device = (-1, 1, 1, 1), x.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def signs(*shape):  # random +-1 of x's dtype
+        return torch.randint(0, 2, shape, generator=generator, device=device).to(x.dtype) * 2 - 1
+
+    rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)  # (H,), (W,)
+    with torch.no_grad():  # scores only: no graph, no .grad anywhere
+        margin = _margin(model(x).float(), y)  # (N,) query 1: clean mistakes are never queried again
+        best = x.clone()  # (N, C, H, W)
+        todo = (margin >= 0).nonzero().squeeze(1)  # (M,)
+        if queries > 1 and todo.numel():
+            # query 2: the stripes, one sign per (image, channel, column), taken whatever their margin
+            stripes = _project(x[todo] + eps * signs(len(todo), c, 1, w), x[todo], eps)  # (M, C, H, W)
+            best[todo], margin[todo] = stripes, _margin(model(stripes).float(), y[todo])
+        for it in range(queries - 2):
+            todo = (margin >= 0).nonzero().squeeze(1)  # (M,) the images not fooled yet
+            if todo.numel() == 0:
+                break
+            m, x_m, best_m = len(todo), x[todo], best[todo]  # (M, C, H, W) each
+            s = min(max(round(math.sqrt(_square_p(it, queries, p_init) * h * w)), 1), h, w)
+            top = torch.randint(0, h - s + 1, (m, 1), generator=generator, device=device)  # (M, 1) corner row
+            left = torch.randint(0, w - s + 1, (m, 1), generator=generator, device=device)  # (M, 1) corner column
+            in_rows, in_cols = (rows >= top) & (rows < top + s), (cols >= left) & (cols < left + s)  # (M, H), (M, W)
+            window = in_rows[:, None, :, None] & in_cols[:, None, None, :]  # (M, 1, H, W)
+            sign = signs(m, c, 1, 1)  # (M, C, 1, 1)
+            # adding +-2 eps to the perturbation and projecting sets the window to x +- eps: compute that directly,
+            # bit-identical to the stripes, so a no-op candidate is caught by exact equality
+            for _ in range(10):  # bounded: with eps = 0 every candidate is a no-op
+                cand = torch.where(window, _project(x_m + eps * sign, x_m, eps), best_m)  # (M, C, H, W)
+                same = (cand == best_m).flatten(1).all(1)  # (M,) the window holds these signs already
+                if not same.any():
+                    break
+                sign = torch.where(same.view(view), signs(m, c, 1, 1), sign)  # redraw only those images' signs
+            new_margin = _margin(model(cand).float(), y[todo])  # (M,)
+            better = new_margin < margin[todo]  # (M,) keep a candidate only where it lowers the margin
+            best[todo] = torch.where(better.view(view), cand, best_m)
+            margin[todo] = torch.where(better, new_margin, margin[todo])
     return best

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks import _apgd_checkpoints, _dlr, _dlr_targeted, _margin, _project, apgd, cw_l2, fgsm, pgd
+from attacks import _apgd_checkpoints, _dlr, _dlr_targeted, _margin, _project, _square_p, apgd, cw_l2, fgsm, pgd, square
 
 EPS = 8 / 255  # the trained model is not robust here: PGD fools nearly everything
 MID_EPS = 4 / 255  # partly robust here, so stronger and weaker attacks give different accuracies
@@ -25,6 +25,7 @@ ATTACKS = {
     "apgd_dlr": lambda m, x, y, eps: apgd(m, x, y, eps, steps=5, loss="dlr"),
     "apgd_t": lambda m, x, y, eps: apgd(m, x, y, eps, steps=5, loss="dlr", targeted=True, n_targets=2),
     "apgd_t_ce": lambda m, x, y, eps: apgd(m, x, y, eps, steps=5, loss="ce", targeted=True, n_targets=2),
+    "square": lambda m, x, y, eps: square(m, x, y, eps, queries=20),
 }
 ALL_ATTACKS = {**ATTACKS, "cw_l2": lambda m, x, y, eps: cw_l2(m, x, y, steps=3, search_steps=2)}
 
@@ -274,6 +275,118 @@ def test_apgd_deterministic_and_seeded(trained_model):
     assert torch.equal(torch.get_rng_state(), rng_state)  # its own generator: the global one is untouched
 
 
+# ---------------------------------------------------------------- Square Attack
+
+SQUARE_QUERIES = 100  # the budget of the logged run: at EPS it fools about half the images, the rest stay robust
+
+
+class QueryLog(nn.Module):
+    """Wraps a model; per call records which of the images x each input row is (the one within eps of it),
+    the row itself and its margin."""
+
+    def __init__(self, model, x, y, eps):
+        super().__init__()
+        self.model, self.x, self.y, self.eps, self.calls = model, x, y, eps, []
+
+    def forward(self, inputs):
+        logits = self.model(inputs)
+        dist = (inputs[:, None] - self.x[None]).abs().flatten(2).amax(2)  # (Q, N) L-inf distance to each image
+        idx = dist.argmin(1)  # (Q,)
+        assert bool((dist.min(1).values <= self.eps).all()) and len(set(idx.tolist())) == len(idx)
+        self.calls.append((idx, inputs.detach().clone(), _margin(logits.detach().float(), self.y[idx])))
+        return logits
+
+    def history(self, i):
+        """[(input [C, H, W], margin)] of image i, in query order."""
+        return [(rows[k], margin[k].item()) for idx, rows, margin in self.calls for k in (idx == i).nonzero()[:, 0]]
+
+
+@pytest.fixture(scope="module")
+def square_log(trained_model):
+    """One logged square run at EPS on 24 images, the first 4 relabelled so the clean input is misclassified."""
+    model, x, y = trained_model
+    x, y = x[:24], y[:24].clone()
+    y[:4] = (y[:4] + 1) % 10
+    assert not correct(model, x[:4], y[:4]).any()
+    log = QueryLog(model, x, y, EPS)
+    return log, x, y, square(log, x, y, EPS, queries=SQUARE_QUERIES)
+
+
+def test_square_no_queries_on_fooled_images(square_log):
+    log, x, y, x_adv = square_log
+    histories = [log.history(i) for i in range(len(y))]
+    assert all(len(h) == 1 for h in histories[:4])  # clean mistakes: the clean evaluation only
+    assert torch.equal(x_adv[:4], x[:4])
+    for h in histories:  # a query that fools an image is its last one
+        assert all(margin >= 0 for _, margin in h[:-1])
+    assert sum(len(h) > 1 and h[-1][1] < 0 for h in histories) >= 3  # some were fooled by the search itself
+
+
+def test_square_query_budget(trained_model, square_log):
+    log, x, y, _ = square_log
+    histories = [log.history(i) for i in range(len(y))]
+    assert max(len(h) for h in histories) <= SQUARE_QUERIES
+    robust = [h for h in histories if h[-1][1] >= 0]
+    assert len(robust) >= 3 and all(len(h) == SQUARE_QUERIES for h in robust)  # the whole budget, not one more
+    log = QueryLog(trained_model[0], x, y, EPS)
+    assert torch.equal(square(log, x, y, EPS, queries=1), x) and len(log.calls) == 1  # the clean evaluation only
+    square(log, x, y, EPS, queries=2)
+    assert len(log.calls) == 3 and len(log.calls[2][0]) == 20  # + the stripes, on the 20 correct images
+
+
+def test_square_search(square_log):
+    """Replays the search from the log: every update changes, inside one square of the scheduled side, each
+    channel to one sign of x +- eps, is never a no-op, and is kept only where it lowers the margin."""
+    log, x, y, x_adv = square_log
+    first_rows = []
+    for i in range(4, len(y)):
+        h = log.history(i)
+        stripes = h[1][0] - x[i]  # (C, H, W)
+        assert bool((stripes.sign() == stripes.sign()[:, :1]).all())  # constant down each column
+        best, best_margin = h[1]
+        for it, (cand, margin) in enumerate(h[2:]):
+            side = max(round(math.sqrt(_square_p(it, SQUARE_QUERIES, 0.8) * 16 * 16)), 1)
+            at_vertex = ((cand - x[i]).abs() - EPS).abs() < 1e-6
+            assert bool((at_vertex | (cand == 0) | (cand == 1)).all())
+            changed = cand != best  # (C, H, W)
+            assert changed.any()  # no query is wasted on the current point
+            rows, cols = changed.any(2).any(0).nonzero()[:, 0], changed.any(1).any(0).nonzero()[:, 0]
+            assert rows[-1] - rows[0] < side and cols[-1] - cols[0] < side
+            if it == 0:
+                first_rows.append(len(rows) == side)  # stripes are constant down columns: the square's full height
+            for step, ch in zip(cand - best, changed):  # one sign per channel
+                assert len(set(step[ch].sign().tolist())) <= 1
+            if margin < best_margin:
+                best, best_margin = cand, margin
+        assert torch.equal(x_adv[i], best)  # returns the lowest-margin point of the search
+    assert all(first_rows) and len(first_rows) >= 5
+
+
+def test_square_p_schedule():
+    its = [0, 10, 11, 50, 51, 200, 201, 500, 501, 1000, 1001, 2000, 2001, 4000, 4001, 6000, 6001, 8000, 8001, 9999]
+    assert [_square_p(it, 10000, 0.8) for it in its] == [0.8 / 2 ** (k // 2) for k in range(len(its))]
+    # another budget stretches the schedule: update it of 5000 acts as update 2 * it of 10,000
+    its = [0, 5, 6, 25, 26, 100, 101, 3999, 4000, 4001, 4999]
+    halvings = [0, 0, 1, 1, 2, 2, 3, 8, 8, 9, 9]
+    assert [_square_p(it, 5000, 0.5) for it in its] == [0.5 / 2**k for k in halvings]
+
+
+def test_square_lowers_accuracy(trained_model):
+    model, x, y = trained_model
+    x_adv = square(model, x, y, EPS, queries=200)
+    assert bool(((x_adv - x).abs() <= EPS).all()) and 0 <= x_adv.min() and x_adv.max() <= 1
+    assert accuracy(model, x_adv, y) < accuracy(model, x, y) - 0.5, accuracy(model, x_adv, y)
+
+
+def test_square_deterministic_and_seeded(trained_model):
+    model, x, y = trained_model
+    x, y = x[:16], y[:16]
+    rng_state = torch.get_rng_state()
+    a, b, c = (square(model, x, y, MID_EPS, queries=30, seed=seed) for seed in (3, 3, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # its own generator: the global one is untouched
+
+
 # ---------------------------------------------------------------- calling contexts
 
 
@@ -296,11 +409,13 @@ def test_input_requiring_grad(trained_model):
     assert not x_adv.requires_grad and x.grad is None
 
 
-def test_under_autocast(trained_model):
+@pytest.mark.parametrize("attack", [lambda m, x, y: pgd(m, x, y, EPS, EPS / 4, 10),
+                                    lambda m, x, y: square(m, x, y, EPS, queries=200)], ids=["pgd", "square"])
+def test_under_autocast(trained_model, attack):
     model, x, y = trained_model
     x, y = x[:16], y[:16]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        x_adv = pgd(model, x, y, EPS, EPS / 4, 10)
+        x_adv = attack(model, x, y)
     assert x_adv.dtype == torch.float32
     assert bool(((x_adv - x).abs() <= EPS).all())
     assert accuracy(model, x_adv, y) < 0.5
@@ -338,8 +453,16 @@ BAD = [
     (cw_l2, dict(steps=0), "steps"),
     (cw_l2, dict(lr=0.0), "lr"),
     (cw_l2, dict(search_steps=0), "search_steps"),
+    (square, dict(eps=0.03, queries=0), "queries"),
+    (square, dict(eps=0.03, queries=1.5), "queries"),
+    (square, dict(eps=-1.0), "eps"),
+    (square, dict(eps=math.inf), "eps"),
+    (square, dict(eps=0.03, p_init=0.0), "p_init"),
+    (square, dict(eps=0.03, p_init=1.5), "p_init"),
+    (square, dict(eps=0.03, p_init=math.nan), "p_init"),
 ]
-EPS_KW = {fgsm: dict(eps=0.03), pgd: dict(eps=0.03, alpha=0.01, steps=1), apgd: dict(eps=0.03), cw_l2: {}}
+EPS_KW = {fgsm: dict(eps=0.03), pgd: dict(eps=0.03, alpha=0.01, steps=1), apgd: dict(eps=0.03), cw_l2: {},
+          square: dict(eps=0.03)}
 for _fn, _kw in EPS_KW.items():
     BAD += [
         (_fn, dict(_kw, x=_X[0]), "x must be a 4-D"),
