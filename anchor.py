@@ -7,12 +7,53 @@ holds the loss alone; it imports only torch, so it can be copied into another co
 
     feats = torch.stack([model_head(x_clean), model_head(x_adv)], dim=1)  # [B, 2, D]
     loss = ce + lam * anchor_loss(feats, labels, temperature=0.1, beta=1.0)
+
+Under DistributedDataParallel (one process per GPU, each with its own sub-batch), pass distributed=True: every
+rank then contrasts its embeddings with those of ALL ranks and returns the loss of the whole global batch, and
+after DDP averages the gradients they equal the single-process gradients of that batch. Nothing else changes in
+the DDP loop (`loss = ce + lam * anchor_loss(feats, labels, distributed=True); loss.backward()`); every rank
+must call it at the same step, as for any collective.
 """
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def anchor_loss(features, labels, temperature=0.1, beta=1.0):
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' x concatenated in rank order along dim 0 (sizes[r] rows from rank r), with a gradient.
+
+    torch.distributed.all_gather returns tensors without gradient. Here the backward hands each rank the SUM over
+    ranks of the gradient w.r.t. its rows: every rank computes the same global loss, so that sum is world_size
+    times the gradient of the loss, which DDP's averaging over ranks divides back out. (Keeping only the local
+    rows' gradient, the usual fix, comes out world_size times too small.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, sizes):
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))  # all_gather needs equal shapes: pad, then trim
+        padded[: len(x)] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.rows = sum(sizes[: dist.get_rank()]), len(x)  # where this rank's rows sit in the result
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # sum over ranks
+        start, n = ctx.rows
+        return grad[start : start + n], None
+
+
+def _gather_global_batch(features, labels):
+    """(features, labels) of all ranks, in rank order; each rank may hold a different number of images."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=features.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(features)], device=features.device))
+    sizes = [int(s) for s in sizes]
+    return _GatherWithGrad.apply(features, sizes), _GatherWithGrad.apply(labels.to(features.device), sizes)
+
+
+def anchor_loss(features, labels, temperature=0.1, beta=1.0, distributed=False):
     """Hard-positive-weighted supervised contrastive loss.
 
     features: float [B, V, D], V views of each of B images (L2-normalized here); labels: int [B].
@@ -23,6 +64,10 @@ def anchor_loss(features, labels, temperature=0.1, beta=1.0):
     q_ip is (1/|P(i)|) times the weight w_ip normalized to mean 1: the least similar positives weigh most;
     beta = 0 gives q_ip = 1/|P(i)|, which is exactly SupCon's L_out (Khosla et al. 2020) with
     base_temperature = temperature. Returns a float32 scalar (float64 for float64 features).
+
+    distributed=True under an initialized torch.distributed process group: features and labels of all ranks are
+    gathered first (with gradient: _GatherWithGrad), so the sum above runs over the global batch; without a
+    process group it is the same as False.
     """
     if features.dim() != 3 or not features.is_floating_point():
         raise ValueError(f"features must be a float tensor [B, V, D] (batch, views, dim), got "
@@ -34,6 +79,9 @@ def anchor_loss(features, labels, temperature=0.1, beta=1.0):
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0 (0 gives SupCon), got {beta}")
+    if distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        features, labels = _gather_global_batch(features, labels)
+        B = features.shape[0]
     if B * V < 2:  # a single embedding has no positive and nothing to contrast with
         return features.sum() * 0.0
 
