@@ -2,6 +2,7 @@
 
     python bench.py                          # CUDA: ResNet-18, batch 512, PGD-10, every precision variant
     python bench.py --device cpu             # a tiny configuration, well under a minute
+    python bench.py --arch wrn-34-10         # another architecture (model.py's names)
     python bench.py --json bench.json
 
 The step is train.py's own `train_step` (imported, not copied). Each figure is the median over timed steps
@@ -16,6 +17,7 @@ import torch
 
 import cli
 import train
+from model import arch_key
 
 # name -> extra train.py flags
 VARIANTS = {
@@ -30,7 +32,8 @@ def get_args(argv=None):
     p = cli.Parser(description="Training-step throughput of train.py.", allow_abbrev=False)
     p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--batch-size", type=cli.positive(int), default=None, help="images per step (default 512 on CUDA, 32 on the CPU)")
-    p.add_argument("--width", type=cli.positive(int), default=None, help="ResNet-18 width (default 64 on CUDA, 8 on the CPU)")
+    p.add_argument("--arch", type=str, default="resnet18", help="model.py's architecture name, e.g. preact-resnet18, wrn-34-10")
+    p.add_argument("--width", type=cli.positive(int), default=None, help="ResNet base width (default 64 on CUDA, 8 on the CPU); a WRN's name gives its own")
     p.add_argument("--steps", type=cli.positive(int), default=10, help="PGD steps of the training attack")
     p.add_argument("--variants", type=str, default=None, help=f"comma-separated subset of {','.join(VARIANTS)} (default: all on CUDA, fp32 on the CPU)")
     p.add_argument("--losses", type=str, default="ce,anchor", help="comma-separated train.py --loss values")
@@ -39,6 +42,10 @@ def get_args(argv=None):
     p.add_argument("--json", type=str, default=None, help="write the table to this JSON file")
     args = p.parse_args(argv)
     args.amp = False
+    try:
+        args.is_wrn = arch_key(args.arch) == "wrn-D-K"  # a WRN's name gives its widths: no --width for it
+    except ValueError as e:
+        p.error(f"argument --arch: {str(e).removeprefix('model config: ')}")
     cli.resolve_device(p, args)
     cuda = args.device == "cuda"
     args.batch_size = args.batch_size or (512 if cuda else 32)
@@ -65,8 +72,9 @@ def sync(device):
 
 def measure(loss, variant, args):
     """Median images/s of train.train_step for one loss and one precision variant."""
+    width = [] if args.is_wrn else ["--width", str(args.width)]
     targs = train.get_args(["--loss", loss, "--device", args.device, "--batch-size", str(args.batch_size),
-                            "--width", str(args.width), "--steps", str(args.steps)] + VARIANTS[variant])
+                            "--arch", args.arch, *width, "--steps", str(args.steps)] + VARIANTS[variant])
     device = torch.device(args.device)
     torch.manual_seed(0)
     model, net = train.make_model(targs, device)
@@ -87,7 +95,8 @@ def measure(loss, variant, args):
 def main(args):
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{name} | torch {torch.__version__} | ResNet-18 width {args.width} | batch {args.batch_size} | "
+    model = args.arch if args.is_wrn else f"{args.arch} width {args.width}"
+    print(f"{name} | torch {torch.__version__} | {model} | batch {args.batch_size} | "
           f"PGD-{args.steps} | median of {args.iters} steps after {args.warmup}")
     print(f"{'loss':<8} {'precision':<28} {'images/s':>9} {'vs ce':>7}")
     rows = []
@@ -97,11 +106,11 @@ def main(args):
             rate = measure(loss, variant, args)
             base = rate if loss == "ce" else base
             overhead = f"{base / rate - 1:+7.1%}" if base and loss != "ce" else ""
-            print(f"{loss:<8} {variant:<28} {rate:9.0f} {overhead:>7}", flush=True)
+            print(f"{loss:<8} {variant:<28} {rate:9.1f} {overhead:>7}", flush=True)
             rows.append({"loss": loss, "precision": variant, "images_per_s": rate,
                          "time_vs_ce": base / rate if base else None})
     if args.json:
-        table = {"device": name, "torch": torch.__version__, "batch_size": args.batch_size, "width": args.width,
+        table = {"device": name, "torch": torch.__version__, "batch_size": args.batch_size, "arch": args.arch, "width": args.width,
                  "pgd_steps": args.steps, "warmup": args.warmup, "iters": args.iters, "rows": rows}
         cli.save_atomic_text(json.dumps(table, indent=2) + "\n", args.json)
     return 0

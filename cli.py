@@ -1,7 +1,7 @@
 """Command-line plumbing shared by train.py, eval.py and bench.py, kept apart so those read as what they do.
 
 One-line errors with exit status 2 (`CLIError`, `Parser`, `cli`), argument types (`eps_type`, `positive`,
-`non_negative`), atomic writes, checkpoint loading, the hand-written SVG plot and the progress bar.
+`non_negative`), atomic writes, checkpoint loading, the hand-written SVG plot and the live progress line.
 """
 import argparse
 import math
@@ -12,7 +12,7 @@ import time
 import torch
 
 from data import DataError
-from model import build_model
+from model import ARCHS, arch_key, build_model
 
 
 class CLIError(Exception):
@@ -109,6 +109,13 @@ def load_checkpoint(path):
                        "it is truncated or not a torch checkpoint: train again or pick another file")
     if not isinstance(ckpt, dict) or not {"model", "config", "epoch"} <= set(ckpt) or "model" not in ckpt["config"]:
         raise CLIError(f"{path} is not a checkpoint of this project (expected a dict with model, config, epoch)")
+    arch = ckpt["config"]["model"].get("arch", "resnet18")
+    try:
+        arch_key(arch)
+    except ValueError:
+        raise CLIError(f"{path} holds a {arch!r} network, which this model.py does not build (it has "
+                       f"{', '.join(a for a in ARCHS if a != 'wrn-D-K')} and wrn-DEPTH-WIDEN): use the code that "
+                       "trained it, or a version of this project that has that architecture") from None
     return ckpt
 
 
@@ -156,29 +163,36 @@ def svg_plot(path, series, xlabel, title):
 
 
 class Progress:
-    """A live one-line bar with images/s and ETA; on a pipe (a log file), a plain line every 30 s."""
+    """A live status line: done of total, images/s, a note, elapsed time and ETA. Redrawn in place on a terminal;
+    on a pipe (a log file) one plain line every PIPE_SECONDS."""
+    PIPE_SECONDS = 30
 
-    def __init__(self, label, total_steps, batch_size, first_step=0):
-        self.label, self.total, self.bs, self.first = label, total_steps, batch_size, first_step  # first: resumed
+    def __init__(self, label, total, images_per_unit=1, first=0):
+        self.label, self.total, self.per_unit, self.first = label, total, images_per_unit, first  # first: resumed
         self.start = self.last = time.time()
-        self.tty = sys.stdout.isatty()
+        self.tty, self.width = sys.stdout.isatty(), 0
 
-    def update(self, step):
-        """Returns True when it printed (a moment for the caller's occasional host sync)."""
+    def update(self, done, note=""):
+        """Show `done` (of total) if a refresh is due; returns True when it printed (a moment for the caller's
+        occasional host sync)."""
         now = time.time()
-        if now - self.last < (0.5 if self.tty else 30):
+        if now - self.last < (0.5 if self.tty else self.PIPE_SECONDS):
             return False
-        self.last = now
-        rate = (step - self.first) * self.bs / max(now - self.start, 1e-9)
-        eta = (self.total - step) * self.bs / max(rate, 1e-9)
-        bar = "#" * int(20 * step / self.total)
-        line = f"{self.label} [{bar:<20}] {step}/{self.total} {rate:7.0f} img/s ETA {eta:4.0f}s"
-        print("\r" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
+        self.last, elapsed = now, now - self.start
+        rate = (done - self.first) / max(elapsed, 1e-9)  # units per second
+        eta = (self.total - done) / rate if rate > 0 else math.inf
+        bar = "#" * int(20 * done / max(self.total, 1))
+        speed = rate * self.per_unit  # images/s; under 10, with decimals (a long attack's few images a second)
+        speed = f"{speed:.0f}" if speed >= 10 else f"{speed:.2f}"
+        line = (f"{self.label} [{bar:<20}] {int(done)}/{self.total}{' ' + note if note else ''} | {speed} img/s | "
+                f"{elapsed:.0f} s, ETA {eta:.0f} s")
+        self.width = max(self.width, len(line))
+        print("\r" + line.ljust(self.width) if self.tty else line, end="" if self.tty else "\n", flush=True)
         return True
 
     def close(self):
-        if self.tty:
-            print("\r" + " " * 80 + "\r", end="", flush=True)
+        if self.tty and self.width:
+            print("\r" + " " * self.width + "\r", end="", flush=True)
 
 
 def cli(main_fn, args_fn, prog):
@@ -186,5 +200,8 @@ def cli(main_fn, args_fn, prog):
     try:
         sys.exit(main_fn(args_fn()))
     except (CLIError, DataError, OSError) as e:  # OSError: a path that cannot be written
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", 0))
+        if rank > 0:  # under torchrun rank 0 says it: wait, so that torchrun does not end rank 0 before it can;
+            time.sleep(5)  # torchrun ends this process once rank 0 exits, so still here = an error of its own
+        print(f"{prog}: error: {f'rank {rank}: ' if rank else ''}{e}", file=sys.stderr)
         sys.exit(2)

@@ -1,44 +1,50 @@
-"""Adversarial training on CIFAR-10 with the ANCHOR loss (or a baseline), as users run it.
+"""Adversarial training on CIFAR-10/100 with the ANCHOR loss (or a baseline), as users run it.
 
     python train.py --epochs 100 --eps 0.031                      # ANCHOR: PGD-AT + hard-mined SupCon
     python train.py --loss ce --epochs 30                         # Madry PGD-AT, the baseline
+    python train.py --arch wrn-34-10 --dataset cifar100           # a WideResNet-34-10 on CIFAR-100
     python train.py --width 16 --limit 2000 --epochs 2 --device cpu --out quick.pt   # minutes on a CPU
     python train.py --resume --out ckpt.pt                        # continue after Ctrl-C or a crash
+    torchrun --nproc_per_node 8 train.py --epochs 100             # the same run on 8 GPUs (DDP)
 
 Writes OUT (last epoch), OUT with .best.pt (best PGD accuracy on the held-out --val slice; adversarial
 training overfits late), a JSON-lines log (.jsonl) and a plot of the curves (.svg) beside it.
 """
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+import ddp
 from anchor import anchor_loss
 from attacks import pgd
 from cli import (CLIError, Parser, Progress, cli, eps_type, json_safe, load_checkpoint, non_negative, positive,
                  resolve_device, save_atomic, save_atomic_text, svg_plot, to_cpu)
-from data import batches, load_cifar10, split_train_val
-from model import build_model
+from data import DATASETS, DataError, batches, load_dataset, split_train_val
+from model import arch_key, build_model
 
 LOSSES = ("anchor", "supcon", "ce", "trades")
 # Flags that do not change what is trained: on --resume they may differ from the checkpoint's.
-RUNTIME_FLAGS = {"data", "device", "compile", "channels_last", "out", "resume"}
+RUNTIME_FLAGS = {"data", "device", "compile", "channels_last", "out", "resume", "sync_bn"}
 RESUME_KEYS = {"model", "optimizer", "finetune", "epoch", "step_in_epoch", "config", "device", "running", "rng", "metrics"}
 
 
 def get_args(argv=None):
-    p = Parser(description="Adversarial training on CIFAR-10 with the ANCHOR loss.", allow_abbrev=False)
-    p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ (downloaded there when missing)")
+    p = Parser(description="Adversarial training on CIFAR-10/100 with the ANCHOR loss.", allow_abbrev=False)
+    p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (downloaded there when missing)")
+    p.add_argument("--dataset", type=str, default="cifar10", choices=sorted(DATASETS), help="the data set")
     p.add_argument("--limit", type=positive(int), default=None, help="train on the first N training images only")
     p.add_argument("--val", type=non_negative(int), default=1000, help="last N training images held out for validation and best-checkpoint selection")
     p.add_argument("--epochs", type=positive(int), default=30, help="training epochs")
     p.add_argument("--finetune-epochs", type=non_negative(int), default=0, help="then K epochs training the classifier alone with CE on PGD examples, backbone frozen")
-    p.add_argument("--batch-size", type=positive(int), default=512, help="images per step")
+    p.add_argument("--batch-size", type=positive(int), default=512, help="images per step (over all processes under torchrun)")
     p.add_argument("--lr", type=positive(float), default=0.2, help="peak SGD learning rate (one-cycle: linear warm-up over 15%% of steps, then cosine to 0)")
     p.add_argument("--wd", type=non_negative(float), default=5e-4, help="weight decay (SGD's L2 coefficient)")
     p.add_argument("--eps", type=eps_type, default=8 / 255, help="L-inf radius in [0, 1] pixel units (0.031 or 8/255)")
@@ -53,35 +59,51 @@ def get_args(argv=None):
     p.add_argument("--amp", action="store_true", help="bf16 autocast for training (CUDA only); validation stays float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory layout (faster convolutions on CUDA, same numbers)")
-    p.add_argument("--width", type=positive(int), default=64, help="ResNet-18 base width (64 = the standard model; 16 for quick CPU runs)")
+    p.add_argument("--arch", type=str, default="resnet18", help="resnet18, preact-resnet18, wrn-34-10, wrn-28-10 or any wrn-DEPTH-WIDEN")
+    p.add_argument("--width", type=positive(int), default=64, help="base width of resnet18 / preact-resnet18 (64 = the standard model; 16 for quick CPU runs); a WRN's name gives its width")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the global batch (default: each process's own)")
     p.add_argument("--out", type=str, default="ckpt.pt", help="checkpoint path; the log, plot and best checkpoint go beside it")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     args = p.parse_args(argv)
     if args.lam is None:
         args.lam = 6.0 if args.loss == "trades" else 1.0
+    try:
+        is_wrn = arch_key(args.arch) == "wrn-D-K"
+    except ValueError as e:
+        p.error(f"argument --arch: {str(e).removeprefix('model config: ')}")
     if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
         p.error(f"argument --out: {args.out} is a folder; name the checkpoint file, e.g. {os.path.join(args.out, 'ckpt.pt')}")
     resolve_device(p, args)
     # Which flags the user typed (not defaults): --resume refuses those that contradict the checkpoint.
     typed = {t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")}
     args.explicit = {a.dest for a in p._actions if typed & set(a.option_strings)}
+    if is_wrn and "width" in args.explicit:
+        p.error(f"argument --width: {args.arch}'s name gives its widths (wrn-DEPTH-WIDEN); drop --width")
     return args
 
 
 def make_model(args, device):
     """(model, net): the network on `device`, and what the training step calls (torch.compile'd with --compile)."""
-    model = build_model({"width": args.width}).to(device)
+    spec = DATASETS[args.dataset]
+    width = None if arch_key(args.arch) == "wrn-D-K" else args.width  # a WRN's name gives its widths
+    model = build_model({"arch": args.arch, "width": width, "num_classes": spec.num_classes,
+                         "mean": list(spec.mean), "std": list(spec.std)}).to(device)
+    if args.sync_bn:  # torchrun on CUDA: BatchNorm statistics over all processes (same parameters and keys)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, torch.compile(model) if args.compile else model
 
 
 def make_optimizer(model, args, finetune):
-    """SGD with Nesterov momentum; fine-tuning trains the classifier alone, the rest (BatchNorm too) frozen."""
-    for p in model.backbone_parameters():
-        p.requires_grad_(not finetune)
-    params = model.classifier.parameters() if finetune else model.parameters()
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
+    """SGD with Nesterov momentum over what the stage trains: everything, the projection head only where a
+    contrastive loss uses it; fine-tuning trains the classifier alone (the rest, BatchNorm too, frozen).
+    What is not trained gets requires_grad=False, so DDP expects no gradient for it."""
+    uses_head = args.loss in ("anchor", "supcon") and not finetune
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("classifier.") or (not finetune and (uses_head or not name.startswith("head."))))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
+                          nesterov=True, weight_decay=args.wd)
     opt.finetune = finetune  # which stage this optimizer belongs to, saved with the checkpoint
     return opt
 
@@ -112,14 +134,16 @@ def training_loss(net, x, x_adv, y, args, kind):
     logits_clean, logits_adv = logits.float().chunk(2)
     ce = F.cross_entropy(logits_adv, y)
     views = torch.stack(z.chunk(2), dim=1)  # (B, 2, proj_dim)
-    con = anchor_loss(views, y, args.temperature, args.beta if kind == "anchor" else 0.0)
+    # distributed=True: under torchrun the contrast set is the global batch (a no-op in one process)
+    con = anchor_loss(views, y, args.temperature, args.beta if kind == "anchor" else 0.0, distributed=True)
     return ce + args.lam * con, [ce, con], logits_adv, logits_clean
 
 
-def train_step(model, net, opt, x, y, args, finetune=False):
+def train_step(model, net, opt, x, y, args, finetune=False, train_net=None):
     """One step of adversarial training: PGD examples against the model in eval mode, then one update of
-    `opt` in train mode. `net` is the model or its torch.compile'd wrapper. Fine-tuning (frozen backbone)
-    trains the classifier with plain CE on PGD examples, whatever the first stage's loss."""
+    `opt` in train mode. `net` is the model or its torch.compile'd wrapper; `train_net` (default `net`) what
+    the update calls (DDP's wrapper under torchrun). Fine-tuning (frozen backbone) trains the classifier with
+    plain CE on PGD examples, whatever the first stage's loss."""
     kind = "ce" if finetune else args.loss
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -133,7 +157,7 @@ def train_step(model, net, opt, x, y, args, finetune=False):
                                                      log_target=True).sum(1)
         x_adv = pgd(net, x, y, args.eps, args.alpha, args.steps, loss=attack_loss)
         model.train(not finetune)  # fine-tuning keeps the frozen backbone's BatchNorm in eval mode
-        loss, parts, logits_adv, logits_clean = training_loss(net, x, x_adv, y, args, kind)
+        loss, parts, logits_adv, logits_clean = training_loss(train_net or net, x, x_adv, y, args, kind)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -141,17 +165,14 @@ def train_step(model, net, opt, x, y, args, finetune=False):
 
 
 def evaluate(model, x, y, args, batch_size=500):
-    """Clean and PGD accuracy (args.steps steps, float32, eval mode) on a uint8 set; (nan, nan) if empty."""
-    if len(x) == 0:
-        return float("nan"), float("nan")
+    """Correct counts [clean, PGD] (args.steps steps, float32, eval mode) on a uint8 set, as a device tensor."""
     model.eval()
     correct = torch.zeros(2, device=x.device)
     for xb, yb in batches(x, y, batch_size):
         x_adv = pgd(model, xb, yb, args.eps, args.alpha, args.steps)
         with torch.no_grad():
             correct += torch.stack([(model(xb).argmax(1) == yb).sum(), (model(x_adv).argmax(1) == yb).sum()])
-    clean, robust = (correct / len(x)).tolist()
-    return clean, robust
+    return correct
 
 
 def paths(out):
@@ -164,160 +185,219 @@ def run_config(args):
     return {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS | {"explicit"}}
 
 
-def main(args):
-    files = paths(args.out)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.out)
-        missing = RESUME_KEYS - set(ckpt)
-        if missing or not isinstance(ckpt["config"].get("train"), dict):
-            raise CLIError(f"--resume: {args.out} lacks {sorted(missing) or ['config.train']}: it was not written "
-                           "by this train.py; start a new --out")
-        saved = ckpt["config"]["train"]
-        changed = [k for k in args.explicit if k in saved and saved[k] != getattr(args, k)]
-        if changed:
-            k = sorted(changed)[0]
-            raise CLIError(f"--resume: {args.out} was trained with --{k.replace('_', '-')} {saved[k]}, not "
-                           f"{getattr(args, k)}; drop the flag to continue it, or start a new --out")
-        for k, v in saved.items():  # the checkpoint's recipe wins: the resumed run equals an uninterrupted one
-            setattr(args, k, v)
-        if "device" not in args.explicit:  # the same device's generators give the same data order
-            args.device = ckpt["device"]
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise CLIError(f"--resume: {args.out} was trained on cuda, which this machine lacks; pass --device cpu "
-                           "(the run continues, but not bit for bit)")
-        if args.amp and args.device != "cuda":
-            raise CLIError(f"--resume: {args.out} was trained with --amp, which needs --device cuda")
-    else:
-        taken = [p for p in [args.out, *files.values()] if os.path.exists(p)]
+# ---------------------------------------------------------------- the run: set-up, epoch, end of epoch
+
+
+def read_run(args):
+    """The checkpoint to resume (its recipe copied into args), or None for a new run whose files are free."""
+    if not args.resume:
+        taken = [p for p in [args.out, *paths(args.out).values()] if os.path.exists(p)]
         if taken:
             raise CLIError(f"{taken[0]} exists; pass --resume to continue that run, or choose another --out")
+        return None
+    ckpt = load_checkpoint(args.out)
+    missing = RESUME_KEYS - set(ckpt)
+    if missing or not isinstance(ckpt["config"].get("train"), dict):
+        raise CLIError(f"--resume: {args.out} lacks {sorted(missing) or ['config.train']}: it was not written "
+                       "by this train.py; start a new --out")
+    saved = {"dataset": "cifar10", "arch": "resnet18", **ckpt["config"]["train"]}  # older runs lack these two
+    changed = [k for k in args.explicit if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        k = sorted(changed)[0]
+        raise CLIError(f"--resume: {args.out} was trained with --{k.replace('_', '-')} {saved[k]}, not "
+                       f"{getattr(args, k)}; drop the flag to continue it, or start a new --out")
+    for k, v in saved.items():  # the checkpoint's recipe wins: the resumed run equals an uninterrupted one
+        setattr(args, k, v)
+    if "device" not in args.explicit:  # the same device's generators give the same data order
+        args.device = ckpt["device"]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--resume: {args.out} was trained on cuda, which this machine lacks; pass --device cpu "
+                       "(the run continues, but not bit for bit)")
+    if args.amp and args.device != "cuda":
+        raise CLIError(f"--resume: {args.out} was trained with --amp, which needs --device cuda")
+    return ckpt
 
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    x_train, y_train, _, _ = load_cifar10(args.data, download=True)
+
+def set_up(args, ckpt, rank, world):
+    """Data, model, optimizer and counters of a new or resumed run, as one namespace the other steps share."""
+    device = ddp.local_device(args.device, world)
+    torch.manual_seed(args.seed + rank)  # rank 0 draws as one process does; DDP gives every rank its weights
+    x_train, y_train, _, _ = load_dataset(args.dataset, args.data, download=world == 1)  # else fetched in main
     x_tr, y_tr, x_val, y_val = split_train_val(x_train, y_train, args.val, args.limit)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    x_tr, y_tr, x_val, y_val = (t.to(device) for t in (x_tr, y_tr, x_val, y_val))
-    steps_per_epoch = len(x_tr) // args.batch_size
-    if steps_per_epoch == 0:
+    if len(x_tr) < args.batch_size:
         raise CLIError(f"--batch-size {args.batch_size} is larger than the {len(x_tr)} training images; lower it")
-
+    n_val = len(x_val)
+    x_val, y_val = x_val.tensor_split(world)[rank], y_val.tensor_split(world)[rank]  # validation split over ranks
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     model, net = make_model(args, device)
-    total_epochs = args.epochs + args.finetune_epochs
-    start_epoch, step_in_epoch, history, best = 0, 0, [], -1.0
-    running = torch.zeros(5, device=device)  # summed over the epoch: loss, ce, second term, adv correct, clean correct
-    no_clean = torch.tensor(math.nan, device=device)  # --loss ce sees no clean logits: clean accuracy unmeasured
-
-    opt = make_optimizer(model, args, finetune=False)
+    run = SimpleNamespace(
+        rank=rank, world=world, device=device, model=model, net=net, files=paths(args.out),
+        x_tr=x_tr.to(device), y_tr=y_tr.to(device), x_val=x_val.to(device), y_val=y_val.to(device), n_val=n_val,
+        steps_per_epoch=len(x_tr) // args.batch_size, epoch=0, step=0, history=[], best=-1.0,
+        running=torch.zeros(5, device=device),  # summed over the epoch: loss, ce, second term, adv and clean correct
+        no_clean=torch.tensor(math.nan, device=device))  # --loss ce sees no clean logits: clean accuracy unmeasured
+    run.opt = make_optimizer(model, args, finetune=False)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        start_epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        history, best = ckpt["metrics"]["history"], ckpt["metrics"]["best_val_robust"]
-        opt = make_optimizer(model, args, ckpt["finetune"])
-        opt.load_state_dict(ckpt["optimizer"])
-        running = ckpt["running"].to(device)
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        print(f"resuming {args.out} at epoch {start_epoch + 1}, step {step_in_epoch}")
+        run.epoch, run.step = ckpt["epoch"], ckpt["step_in_epoch"]
+        run.history, run.best = ckpt["metrics"]["history"], ckpt["metrics"]["best_val_robust"]
+        run.opt = make_optimizer(model, args, ckpt["finetune"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        if rank == 0:  # the saved sums are over all ranks: rank 0 carries them on
+            run.running.copy_(ckpt["running"])
+        states = [ckpt["rng"]] if isinstance(ckpt["rng"], dict) else ckpt["rng"]  # one per rank
+        if rank < len(states):
+            torch.set_rng_state(states[rank]["cpu"])
+            if device.type == "cuda" and "cuda" in states[rank]:
+                torch.cuda.set_rng_state(states[rank]["cuda"], device)
+        print(f"resuming {args.out} at epoch {run.epoch + 1}, step {run.step}")
+    return run
 
-    def checkpoint(epoch, step):
-        rng = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
-        # CPU copies: the file loads with a plain torch.load(path, weights_only=True) on any machine.
-        return {"model": to_cpu(model.state_dict()), "optimizer": to_cpu(opt.state_dict()), "finetune": opt.finetune,
-                "epoch": epoch, "step_in_epoch": step, "config": {"model": model.config, "train": run_config(args)},
-                "device": device.type, "running": running.cpu(), "rng": rng,
-                "metrics": {"history": history, "best_val_robust": best}}
 
-    # Ctrl-C sets a flag that is read between steps, so the saved state is never half-updated; a second
-    # Ctrl-C stops at once.
+def checkpoint(run, args, epoch, step):
+    """The run's state as plain types and CPU tensors: loads with torch.load(path, weights_only=True) anywhere.
+    Every rank calls it (the ranks' RNG states are gathered); rank 0 writes it."""
+    rng = {"cpu": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return {"model": to_cpu(run.model.state_dict()), "optimizer": to_cpu(run.opt.state_dict()),
+            "finetune": run.opt.finetune, "epoch": epoch, "step_in_epoch": step,
+            "config": {"model": run.model.config, "train": run_config(args)}, "device": run.device.type,
+            "world_size": run.world, "running": run.running.cpu(), "rng": ddp.gather(rng, run.world),
+            "metrics": {"history": run.history, "best_val_robust": run.best}}
+
+
+def train_epoch(run, args, epoch, stop):
+    """Train one epoch (its rest, when resuming mid-epoch). Returns False when a signal or a non-finite loss
+    ended it before its last step."""
+    finetune = epoch >= args.epochs
+    if finetune and not run.opt.finetune:
+        run.opt = make_optimizer(run.model, args, finetune=True)  # a fresh optimizer for the second stage
+        run.train_net = ddp.wrap(run.net, run.device, run.world)
+    stage_start, stage_epochs = (args.epochs, args.finetune_epochs) if finetune else (0, args.epochs)
+    total = args.epochs + args.finetune_epochs
+    bar = Progress(f"epoch {epoch + 1}/{total}", run.steps_per_epoch, args.batch_size, run.step)
+    stream = batches(run.x_tr, run.y_tr, args.batch_size, shuffle_seed=args.seed * 100003 + epoch, augment=True,
+                     drop_last=True)
+    share = args.batch_size // run.world  # every rank draws the same global batch and trains on its slice
+    for step, (xb, yb) in enumerate(stream):
+        if step < run.step:  # resuming mid-epoch: the same batches, already trained on
+            continue
+        xb, yb = xb[run.rank * share:(run.rank + 1) * share], yb[run.rank * share:(run.rank + 1) * share]
+        for group in run.opt.param_groups:
+            group["lr"] = lr_at((epoch - stage_start) * run.steps_per_epoch + step, stage_epochs * run.steps_per_epoch, args.lr)
+        loss, parts, logits_adv, logits_clean = train_step(run.model, run.net, run.opt, xb, yb, args, finetune, run.train_net)
+        with torch.no_grad():  # running sums stay on the device: no host sync per step
+            clean = (logits_clean.argmax(1) == yb).sum() if logits_clean is not None else run.no_clean
+            run.running += torch.stack([loss.detach() * len(yb), parts[0].detach() * len(yb),
+                                        parts[1].detach() * len(yb), (logits_adv.argmax(1) == yb).sum(), clean])
+        run.step = step + 1
+        # The bar's occasional refresh is the moment to look at the loss (a host sync).
+        if ddp.any_rank(stop or (bar.update(run.step) and not torch.isfinite(run.running[0])), run.world, run.device):
+            break
+    bar.close()
+    return run.step == run.steps_per_epoch
+
+
+def end_epoch(run, args, epoch, sums, seconds):
+    """Validate, print and log the epoch's row, and write the checkpoints (best first)."""
+    t0 = time.time()
+    ddp.share_buffers(run.model, run.world)  # validate and save rank 0's model
+    counts = ddp.all_sum(evaluate(run.model, run.x_val, run.y_val, args), run.world).tolist()
+    val_clean, val_robust = (c / run.n_val if run.n_val else math.nan for c in counts)
+    n = run.steps_per_epoch * args.batch_size  # drop_last: every batch is full
+    lr = run.opt.param_groups[0]["lr"]
+    row = {"epoch": epoch + 1, "stage": "finetune" if run.opt.finetune else "train", "loss": sums[0] / n,
+           "ce": sums[1] / n, "second": sums[2] / n, "train_clean": sums[4] / n, "train_adv": sums[3] / n,
+           "val_clean": val_clean, "val_pgd": val_robust, "lr": lr, "train_s": seconds, "s": seconds + time.time() - t0}
+    run.history.append(row)
+    print(f"{row['epoch']:>5} {row['loss']:7.4f} {row['ce']:7.4f} {row['second']:7.4f} {row['train_clean']:8.4f} "
+          f"{row['train_adv']:7.4f} {val_clean:9.4f} {val_robust:8.4f} {lr:7.4f} {row['s']:6.1f}", flush=True)
+    run.running.zero_()
+    run.step = 0
+    is_best = run.n_val == 0 or val_robust > run.best
+    run.best = val_robust if run.n_val and is_best else run.best
+    state = checkpoint(run, args, epoch + 1, 0)
+    if run.rank == 0:
+        if is_best:  # best first: the last checkpoint never names a best epoch that was not written
+            save_atomic(state, run.files["best"])
+        save_atomic(state, args.out)
+        save_atomic_text("".join(json.dumps(json_safe(r)) + "\n" for r in run.history), run.files["log"])
+
+
+@contextlib.contextmanager
+def stop_on_signal():
+    """Ctrl-C or SIGTERM (how `kill` and clusters stop a job; torchrun passes either on to every process) sets a
+    flag read between steps, so the saved state is never half-updated; a second signal stops at once."""
     stop = []
-    def on_sigint(signum, frame):
+
+    def handler(signum, frame):
         if stop:
             raise KeyboardInterrupt
-        stop.append(True)
-        print("\nCtrl-C: saving after this step (Ctrl-C again to quit without saving)", flush=True)
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+        stop.append(signum)
+        print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to quit without saving)", flush=True)
 
-    print(f"{args.loss} | {len(x_tr)} train / {len(x_val)} val images | {steps_per_epoch} steps of "
-          f"{args.batch_size} | eps {args.eps:.4f} alpha {args.alpha:.4f} steps {args.steps} | {device}"
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def train(run, args):
+    """The epochs, from set-up to the last checkpoint and plot; 0, or 128 + signal when a signal stopped it."""
+    print(f"{args.loss} | {args.dataset} {run.model.config['arch']} | {len(run.x_tr)} train / {run.n_val} val "
+          f"images | {run.steps_per_epoch} steps of {args.batch_size} | eps {args.eps:.4f} alpha {args.alpha:.4f} "
+          f"steps {args.steps} | {run.device}{f' x {run.world} processes' if run.world > 1 else ''}"
           f"{' bf16' if args.amp else ''}{' compiled' if args.compile else ''}")
     print(f"{'epoch':>5} {'loss':>7} {'ce':>7} {'second':>7} {'tr_clean':>8} {'tr_adv':>7} "
           f"{'val_clean':>9} {'val_pgd':>8} {'lr':>7} {'s':>6}")
-    try:
-        for epoch in range(start_epoch, total_epochs):
-            finetune = epoch >= args.epochs
-            if finetune and not opt.finetune:
-                opt = make_optimizer(model, args, finetune=True)  # a fresh optimizer for the second stage
-            stage_start, stage_epochs = (args.epochs, args.finetune_epochs) if finetune else (0, args.epochs)
-            lr_of = lambda step: lr_at((epoch - stage_start) * steps_per_epoch + step, stage_epochs * steps_per_epoch, args.lr)
-            bar = Progress(f"epoch {epoch + 1}/{total_epochs}", steps_per_epoch, args.batch_size, step_in_epoch)
+    with stop_on_signal() as stop:
+        for epoch in range(run.epoch, args.epochs + args.finetune_epochs):
             t0 = time.time()
-            stream = batches(x_tr, y_tr, args.batch_size, shuffle_seed=args.seed * 100003 + epoch, augment=True,
-                             drop_last=True)
-            for step, (xb, yb) in enumerate(stream):
-                if step < step_in_epoch:  # resuming mid-epoch: the same batches, already trained on
-                    continue
-                for group in opt.param_groups:
-                    group["lr"] = lr_of(step)
-                loss, parts, logits_adv, logits_clean = train_step(model, net, opt, xb, yb, args, finetune)
-                with torch.no_grad():  # running sums stay on the device: no host sync per step
-                    clean = (logits_clean.argmax(1) == yb).sum() if logits_clean is not None else no_clean
-                    running += torch.stack([loss.detach() * len(yb), parts[0].detach() * len(yb),
-                                            parts[1].detach() * len(yb), (logits_adv.argmax(1) == yb).sum(), clean])
-                step_in_epoch = step + 1
-                # The bar's occasional refresh is the moment to look at the loss (a host sync).
-                if bar.update(step_in_epoch) and not torch.isfinite(running[0]):
-                    break
-                if stop:
-                    break
-            bar.close()
-            sums = running.tolist()
+            finished = train_epoch(run, args, epoch, stop)
+            sums = ddp.all_sum(run.running, run.world).tolist()  # in place: every rank holds the global sums from here
             if not math.isfinite(sums[0]):
                 raise CLIError(f"the loss became non-finite in epoch {epoch + 1}; nothing of this epoch was saved "
                                f"({args.out} keeps the last good epoch, if any). Lower --lr, or drop --amp")
-            if stop and step_in_epoch < steps_per_epoch:
-                save_atomic(checkpoint(epoch, step_in_epoch), args.out)
-                print(f"interrupted: saved {args.out} at epoch {epoch + 1}, step {step_in_epoch}; "
-                      f"continue with: python train.py --resume --out {args.out}")
-                return 130
-            n = steps_per_epoch * args.batch_size  # drop_last: every batch is full
-            train_seconds = time.time() - t0
-            val_clean, val_robust = evaluate(model, x_val, y_val, args)
-            row = {"epoch": epoch + 1, "stage": "finetune" if finetune else "train", "loss": sums[0] / n,
-                   "ce": sums[1] / n, "second": sums[2] / n, "train_clean": sums[4] / n, "train_adv": sums[3] / n,
-                   "val_clean": val_clean, "val_pgd": val_robust, "lr": lr_of(steps_per_epoch - 1),
-                   "train_s": train_seconds, "s": time.time() - t0}
-            history.append(row)
-            print(f"{row['epoch']:>5} {row['loss']:7.4f} {row['ce']:7.4f} {row['second']:7.4f} "
-                  f"{row['train_clean']:8.4f} {row['train_adv']:7.4f} {val_clean:9.4f} {val_robust:8.4f} "
-                  f"{row['lr']:7.4f} {row['s']:6.1f}", flush=True)
-            running.zero_()
-            step_in_epoch = 0
-            is_best = len(x_val) == 0 or val_robust > best
-            best = val_robust if len(x_val) and is_best else best
-            state = checkpoint(epoch + 1, 0)
-            if is_best:  # best first: the last checkpoint never names a best epoch that was not written
-                save_atomic(state, files["best"])
-            save_atomic(state, args.out)
-            save_atomic_text("".join(json.dumps(json_safe(r)) + "\n" for r in history), files["log"])
-            if stop:
-                print(f"interrupted: saved {args.out} after epoch {epoch + 1}; "
-                      f"continue with: python train.py --resume --out {args.out}")
-                return 130
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    if history:
-        plot = {"loss": [(r["epoch"], r["loss"]) for r in history]}
+            if finished:
+                end_epoch(run, args, epoch, sums, time.time() - t0)
+            else:
+                state = checkpoint(run, args, epoch, run.step)
+                if run.rank == 0:
+                    save_atomic(state, args.out)
+            if not finished or ddp.any_rank(stop, run.world, run.device):
+                where = f"at epoch {epoch + 1}, step {run.step}" if not finished else f"after epoch {epoch + 1}"
+                launch = f"torchrun --nproc_per_node {run.world}" if run.world > 1 else "python"
+                print(f"interrupted: saved {args.out} {where}; continue with: {launch} train.py --resume --out {args.out}")
+                return 128 + (stop[0] if stop else signal.SIGTERM)
+    if run.history and run.rank == 0:
+        plot = {"loss": [(r["epoch"], r["loss"]) for r in run.history]}
         for key in ("train_clean", "train_adv", "val_clean", "val_pgd"):
-            plot[key] = [(r["epoch"], r[key]) for r in history]
-        svg_plot(files["svg"], plot, "epoch", f"{args.loss}: loss and accuracy")
-    best_note = f"best val PGD {best:.4f}" if len(x_val) else "no --val slice: the last epoch"
-    print(f"saved {args.out} (last), {files['best']} ({best_note}), {files['log']}, {files['svg']}")
+            plot[key] = [(r["epoch"], r[key]) for r in run.history]
+        svg_plot(run.files["svg"], plot, "epoch", f"{args.loss}: loss and accuracy")
+    best_note = f"best val PGD {run.best:.4f}" if run.n_val else "no --val slice: the last epoch"
+    print(f"saved {args.out} (last), {run.files['best']} ({best_note}), {run.files['log']}, {run.files['svg']}")
     return 0
+
+
+def main(args):
+    ckpt = read_run(args)
+    rank, world = ddp.start(args.device, args.batch_size, args.sync_bn)
+    user_errors = (CLIError, DataError, OSError)
+    try:
+        if world > 1:  # rank 0 fetches a missing data set before the others read it
+            ddp.agreed(lambda: rank == 0 and load_dataset(args.dataset, args.data, download=True), world, user_errors)
+        run = ddp.agreed(lambda: set_up(args, ckpt, rank, world), world, user_errors)  # no collective inside
+        run.train_net = ddp.wrap(run.net, run.device, world)  # a collective: once every rank's set-up succeeded
+        return train(run, args)
+    except RuntimeError as e:
+        if ddp.peer_failed(e, world):
+            raise CLIError(f"another process stopped (its message is above); {args.out} keeps the last saved state")
+        raise
+    finally:
+        ddp.stop(world)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""train.py under torchrun: the few things several processes need, kept apart so train.py reads as one process.
+
+    torchrun --nproc_per_node 8 train.py ...     # one process per GPU (NCCL); --device cpu: gloo on the CPU
+
+Every function takes the world size and is a no-op (or the identity) for one process, so plain
+`python train.py` runs exactly as if this file did not exist. The rules the helpers keep:
+- all ranks make the same collective calls in the same order, so a decision (stop here, this input is bad)
+  is agreed on first and then taken by every rank at the same step;
+- rank 0 alone prints and writes files; a user error is one line from rank 0, and every rank exits non-zero.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from cli import CLIError
+
+
+def start(device, batch_size, sync_bn):
+    """-> (rank, world size). Under torchrun (RANK set): join the process group, NCCL with one GPU per process
+    on CUDA, gloo on the CPU, and silence stdout on all but rank 0. Otherwise (0, 1) and nothing happens."""
+    if "RANK" not in os.environ:
+        if sync_bn:
+            raise CLIError("--sync-bn needs several processes: launch with torchrun --nproc_per_node N")
+        return 0, 1
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; cli.py prints rank 0's errors only
+    if device == "cuda":
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
+        if per_node > gpus:
+            raise CLIError(f"torchrun started {per_node} processes on a machine with {gpus} GPUs; each needs its "
+                             f"own: use --nproc_per_node {gpus} or fewer")
+        if not dist.is_nccl_available():
+            raise CLIError("--device cuda under torchrun needs NCCL, which this torch build lacks; use --device cpu")
+        torch.cuda.set_device(local)
+    elif sync_bn:
+        raise CLIError("--sync-bn is for --device cuda; on the CPU each process keeps its own BatchNorm statistics")
+    if batch_size % world:
+        raise CLIError(f"--batch-size {batch_size} does not split over {world} processes; use a multiple of {world}")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return rank, world
+
+
+def local_device(device, world):
+    """This process's torch.device: under torchrun on CUDA, the GPU numbered LOCAL_RANK."""
+    return torch.device(device, int(os.environ["LOCAL_RANK"])) if world > 1 and device == "cuda" else torch.device(device)
+
+
+def agreed(step, world, errors):
+    """step() on every rank -> its result. If it raised one of `errors` on any rank, every rank raises CLIError
+    with the first such message (rank 0's own, or 'rank k: ...'), so all stop together and rank 0 says why.
+    step must make no collective call: a rank that failed before it would wait in a different one."""
+    error, result = None, None
+    try:
+        result = step()
+    except errors as e:
+        error = str(e)
+    messages = gather(error, world)
+    first = next((m if r == 0 else f"rank {r}: {m}" for r, m in enumerate(messages) if m), None)
+    if first:
+        raise CLIError(first)
+    return result
+
+
+def gather(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects; [obj] for one process)."""
+    objs = [obj] * world
+    if world > 1:
+        dist.all_gather_object(objs, obj)
+    return objs
+
+
+def any_rank(flag, world, device):
+    """True on every rank if `flag` is true on any: the ranks leave a loop at the same step."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor(float(bool(flag)), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+def all_sum(t, world):
+    """t summed over ranks, in place."""
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def wrap(net, device, world):
+    """What the training update calls: net, inside DistributedDataParallel under torchrun. Build it anew after
+    every new optimizer: DDP waits for gradients of exactly the parameters that require them at construction."""
+    if world == 1:
+        return net
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def share_buffers(model, world):
+    """Rank 0's BatchNorm statistics on every rank (they drift apart in training), before validating or saving."""
+    if world > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+def peer_failed(error, world):
+    """Whether `error` is how the backend reports another process that died (gloo: 'Connection closed by peer')."""
+    return world > 1 and isinstance(error, RuntimeError) and "peer" in str(error)
+
+
+def stop(world):
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
