@@ -13,6 +13,7 @@ import torch
 
 import eval as eval_cli
 import train
+from attacks import square
 from test_data import make_cifar
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,8 +86,11 @@ def test_eval_json(trained, tmp_path):
     result = json.loads(j.read_text(), parse_constant=strict)
     acc = result["accuracy"]
     assert result["n"] == 20 and result["eps"] == pytest.approx(8 / 255) and result["loss"] == "anchor"
-    assert set(acc) == {"clean", "fgsm", "pgd20", "cw_inf", "apgd_ce", "apgd_t", "worst"}
+    assert set(acc) == {"clean", "fgsm", "pgd20", "cw_inf", "autoattack", "worst"}
     assert all(0 <= a <= 1 for a in acc.values())
+    stages = result["autoattack_stages"]  # robust after APGD-CE, then APGD-T, then Square: never rising
+    assert list(stages) == ["apgd_ce", "apgd_t", "square"] and acc["clean"] >= stages["apgd_ce"] >= \
+        stages["apgd_t"] >= stages["square"] == acc["autoattack"]
     assert acc["worst"] <= min(v for k, v in acc.items() if k != "worst")
     assert acc["worst"] * 20 == pytest.approx(round(acc["worst"] * 20))  # a count of images
     sweep = result["eps_sweep"]
@@ -94,7 +98,7 @@ def test_eval_json(trained, tmp_path):
     assert os.path.exists(str(j).rsplit(".", 1)[0] + ".eps_sweep.svg")
     rep = result["representation"]
     assert -1 <= rep["inter_class_cos"] <= 1 and -1 <= rep["clean_adv_cos"] <= 1
-    for name in ("clean", "apgd_t", "worst"):
+    for name in ("clean", "autoattack", "apgd_t", "square", "worst"):
         assert name in r.stdout
 
 
@@ -292,3 +296,119 @@ def test_eval_sanity_checks_fire():
         assert any(word in w for w in eval_cli.sanity_checks(wrapped, x, y, {}, args)), word
     warnings = eval_cli.sanity_checks(model, x, y, {"fgsm": 0.30, "pgd20": 0.45, "cw_inf": 0.9}, args)
     assert len(warnings) == 1 and "pgd20" in warnings[0]  # cw_inf is not nested with the CE attacks
+
+
+def test_autoattack_cascade_attacks_only_the_still_robust(monkeypatch, capsys):
+    """Each stage runs only on the images every earlier stage left robust, and an image counted robust at the
+    end was attacked by every stage and survived each. Fake attacks that break fixed images make this exact."""
+    model = torch.nn.Linear(1, 2, bias=False)
+    model.weight.data = torch.tensor([[1.0], [-1.0]])  # class 0 iff the first pixel > 0
+
+    def features(x):  # the model sees the first pixel of the image
+        return model(x.flatten(1)[:, :1] - 0.5)
+
+    breaks = {"apgd_ce": {1, 2}, "apgd_t": {3, 4}, "square": {5}}  # image indices each stage can break
+    seen = {}
+
+    def fake(name):
+        def attack(m, x, y, eps, alpha, seed):  # image k carries k in its second pixel
+            ids = (x.flatten(1)[:, 1] * 255).round().long().tolist()
+            seen.setdefault(name, []).extend(ids)
+            x = x.clone()
+            x.view(len(x), -1)[[i for i, k in enumerate(ids) if k in breaks[name]], 0] = 0  # fooled
+            return x
+        return attack
+
+    for name in breaks:
+        monkeypatch.setitem(eval_cli.ATTACKS, name, (fake(name), 1))
+    x = torch.full((8, 1, 1, 2), 255, dtype=torch.uint8)
+    x[:, 0, 0, 1] = torch.arange(8)
+    x[0, 0, 0, 0] = 0  # image 0 is misclassified already
+    y = torch.zeros(8, dtype=torch.long)
+    args = eval_cli.get_args(["unused.pt", "--device", "cpu", "--batch-size", "3"])
+    clean = eval_cli.run_attack(features, x, y, "clean", 0, 0, args)
+    after = eval_cli.autoattack(features, x, y, clean, args)
+    assert sorted(seen["apgd_ce"]) == [1, 2, 3, 4, 5, 6, 7]  # not image 0
+    assert sorted(seen["apgd_t"]) == [3, 4, 5, 6, 7]
+    assert sorted(seen["square"]) == [5, 6, 7]
+    robust = after["square"].nonzero().squeeze(1).tolist()
+    assert robust == [6, 7] and all(set(robust) <= set(seen[name]) for name in breaks)
+    assert after["apgd_ce"].sum() == 5 and after["apgd_t"].sum() == 3  # robust after each stage, printed
+    out = capsys.readouterr().out
+    assert "apgd_t" in out and "0.3750" in out and "0.2500" in out
+
+
+def test_progress_line_in_a_piped_run(trained_model, monkeypatch, capsys):
+    """On a pipe (not a terminal) the progress line is plain lines: images done of total, robust so far, ETA.
+    Inside a batch it moves with the attack's model calls, and the robust count is an upper bound: exact for the
+    batches done, plus the images the attack still queries."""
+    model, x, y = trained_model
+    monkeypatch.setattr(eval_cli.Progress, "PIPE_SECONDS", 0)
+    args = eval_cli.get_args(["unused.pt", "--device", "cpu", "--batch-size", "32"])
+    x8 = (x * 255).round().to(torch.uint8)
+
+    def lines(label):
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith(label + " [")]
+
+    correct = eval_cli.run_attack(model, x8, y, "pgd20", 4 / 255, 1 / 255, args, label="pgd20")
+    out = lines("pgd20")
+    assert len(out) > 20 and all("ETA" in line for line in out)  # 21 calls a batch
+    done = [int(line.split("] ")[1].split("/")[0]) for line in out]
+    assert done == sorted(done) and 0 < done[-1] <= len(x)  # images done only grow, inside a batch too
+    first = int(correct[:32].sum())  # PGD queries the whole batch: the bound is the first batch's count + 32
+    assert any(f"robust <= {first + 32}/64 " in line for line in out) and f"robust <= 32/32 " in out[0]
+
+    monkeypatch.setitem(eval_cli.ATTACKS, "square", (lambda m, x, y, eps, alpha, seed: square(m, x, y, eps, 60), 61))
+    args.batch_size = 64
+    correct = eval_cli.run_attack(model, x8, y, "square", 8 / 255, 0, args, label="square")
+    bounds = [int(line.split("robust <= ")[1].split("/")[0]) for line in lines("square")]
+    assert bounds[0] == 64 and bounds == sorted(bounds, reverse=True)  # falls as Square fools images
+    assert bounds[-1] < 64 and bounds[-1] >= int(correct.sum())  # an upper bound of what stays robust
+
+
+def test_square_masking_warning():
+    torch.manual_seed(0)
+    model = train.build_model({"width": 4}).eval()
+    x, y = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,))
+    args = eval_cli.get_args(["unused.pt", "--device", "cpu", "--batch-size", "20"])
+    assert eval_cli.sanity_checks(model, x, y, {}, args, square_only=2) == []  # a couple of images: noise
+    warnings = eval_cli.sanity_checks(model, x, y, {}, args, square_only=3)
+    assert len(warnings) == 1 and "Square" in warnings[0] and "3 images" in warnings[0]
+
+
+def test_cifar100_preact_end_to_end(tmp_path, capsys):
+    """--dataset cifar100 --arch preact-resnet18: both saved in the checkpoint, eval reads them from it and runs
+    the targeted and black-box attacks over 100 classes."""
+    make_cifar(tmp_path, dataset="cifar100")
+    out = tmp_path / "c100.pt"
+    r = run_here(train, "--data", tmp_path, "--dataset", "cifar100", "--arch", "preact-resnet18", "--epochs", 1,
+                 "--out", out, *TINY, capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["config"]["train"]["dataset"] == "cifar100" and ckpt["config"]["model"]["arch"] == "preact-resnet18"
+    assert ckpt["config"]["model"]["num_classes"] == 100 and ckpt["config"]["model"]["mean"][0] == pytest.approx(0.5071)
+    j = tmp_path / "c100.json"
+    r = run_here(eval_cli, out, "--data", tmp_path, "--n", 10, "--attacks", "clean,apgd_t,square,autoattack",
+                 "--device", "cpu", "--json", j, capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(j.read_text())
+    assert result["dataset"] == "cifar100" and set(result["accuracy"]) == {"clean", "apgd_t", "square", "autoattack", "worst"}
+    assert "preact-resnet18" in r.stdout and "cifar100" in r.stdout
+
+
+def test_wrong_data_set_and_unknown_arch(tmp_path, capsys):
+    make_cifar(tmp_path)  # CIFAR-10 only
+    r = run_here(train, "--data", tmp_path, "--dataset", "cifar100", "--out", tmp_path / "x.pt", *TINY, capsys=capsys)
+    assert_user_error(r, "CIFAR-10", "--dataset cifar10")
+    assert not (tmp_path / "x.pt").exists()
+    r = run_here(train, "--data", tmp_path, "--epochs", 1, "--out", tmp_path / "ok.pt", *TINY, capsys=capsys)
+    ckpt = torch.load(tmp_path / "ok.pt", weights_only=True)
+    ckpt["config"]["model"]["arch"] = "vit-tiny"
+    torch.save(ckpt, tmp_path / "vit.pt")
+    assert_user_error(run_here(eval_cli, tmp_path / "vit.pt", "--data", tmp_path, capsys=capsys), "vit-tiny", "use the code")
+    torch.save(ckpt, tmp_path / "ok.pt")  # --resume reads the same check
+    assert_user_error(run_here(train, "--resume", "--out", tmp_path / "ok.pt", "--data", tmp_path, capsys=capsys), "vit-tiny")
+    for flags, word in ((["--arch", "wrn-35-10"], "--arch"), (["--arch", "vgg16"], "--arch"),
+                        (["--arch", "wrn-28-10", "--width", "16"], "--width"), (["--dataset", "mnist"], "--dataset")):
+        r = run_here(train, "--data", tmp_path, "--out", tmp_path / "y.pt", *TINY, *flags, capsys=capsys)
+        assert_user_error(r, word)
