@@ -336,7 +336,7 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
     _check_count("queries", queries)
     if not 0 < float(p_init) <= 1:  # written so that NaN fails too
         raise ValueError(f"p_init must be in (0, 1], got {p_init}")
-    n, c, h, w = x.shape
+    c, h, w = x.shape[1:]
     view, device = (-1, 1, 1, 1), x.device
     generator = torch.Generator(device=device).manual_seed(seed)
 
