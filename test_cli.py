@@ -220,13 +220,15 @@ def test_eval_bad_checkpoints(trained, tmp_path, capsys):
     text.write_text("not a checkpoint")
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
+    odd = tmp_path / "odd.pt"  # the right keys, the wrong types inside
+    torch.save({"model": {}, "config": {"model": "resnet18"}, "epoch": 1}, odd)
     other_arch = tmp_path / "other.pt"
     ckpt = torch.load(out, weights_only=True)
     ckpt["config"]["model"]["width"] = 8  # the weights are width 4
     torch.save(ckpt, other_arch)
     assert_user_error(run("eval.py", truncated, "--data", root), "truncated.pt", "cannot be read")  # the real CLI
     for path, word in ((tmp_path / "missing.pt", "does not exist"), (text, "cannot be read"),
-                       (foreign, "not a checkpoint"), (other_arch, "does not fit")):
+                       (foreign, "not a checkpoint"), (odd, "not a checkpoint"), (other_arch, "does not fit")):
         r = run_here(eval_cli, path, "--data", root, "--n", "5", "--device", "cpu", capsys=capsys)
         assert_user_error(r, path.name, word)
     for flags, word in ((["--eps", "-1"], "--eps"), (["--n", "0"], "--n"), (["--batch-size", "0"], "--batch-size"),
