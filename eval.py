@@ -6,8 +6,9 @@
     python eval.py ckpt.pt --attacks cw_l2                    # L2 C&W: success rate and median L2 norm
     python eval.py ckpt.pt --eps-sweep                        # PGD-20 accuracy over eps, drawn as an SVG
 
-L-inf attacks at --eps (default 8/255) in [0, 1] pixel space, float32, model in eval mode. "worst" counts an
-image as robust only if it survives every attack that ran (the per-example worst case, as AutoAttack does).
+L-inf attacks at --eps (default 8/255) in [0, 1] pixel space, float32, model in eval mode. Every attack runs on
+the images classified correctly without attack; the others count as not robust (AutoAttack's convention), so no
+attack scores above clean. "worst" counts an image as robust only if it survives every attack that ran.
 "autoattack" is AutoAttack's cascade without FAB-T: APGD-CE, then APGD-T, then Square (5,000 queries), each on
 the images all earlier stages left robust.
 """
@@ -38,7 +39,7 @@ ATTACKS = {
 }
 AUTOATTACK = ["apgd_ce", "apgd_t", "square"]  # AutoAttack's "standard" version less FAB-T, in its order
 # (weaker, stronger) pairs where the second must not score higher: the same loss, a stronger optimizer.
-NESTED = [("clean", "fgsm"), ("fgsm", "pgd20"), ("pgd20", "apgd_ce")]
+NESTED = [("fgsm", "pgd20"), ("pgd20", "apgd_ce")]
 DEFAULT_ATTACKS = ["clean", "fgsm", "pgd20", "cw_inf", "autoattack"]
 LINF_NAMES = list(ATTACKS) + ["autoattack"]  # the order of the report
 ALL_NAMES = LINF_NAMES + ["cw_l2"]
@@ -104,16 +105,23 @@ def run_attack(model, x, y, name, eps, alpha, args, label=None):
     return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool, device=x.device)
 
 
+def attack_robust(model, x, y, robust, name, eps, alpha, args, label=None):
+    """Per-example robustness [N] after attacking, with `name`, only the images `robust` marks; the others stay
+    not robust. Every attack starts from the images classified correctly (AutoAttack's convention): a mistake
+    without attack is never attacked, nor counted robust where a random start happens to land on the right class."""
+    todo, robust = robust.nonzero().squeeze(1), robust.clone()  # (M,) the images still robust
+    robust[todo] = run_attack(model, x[todo], y[todo], name, eps, alpha, args, label)
+    return robust
+
+
 def autoattack(model, x, y, robust, args):
     """AutoAttack's cascade from `robust` (the clean-correct images): APGD-CE, APGD-T and Square in turn, each on
     the images every earlier stage left robust. -> {stage: per-image robustness [N] after it}, printed as it goes."""
     after = {}
     for i, name in enumerate(AUTOATTACK):
-        t0, todo = time.time(), robust.nonzero().squeeze(1)  # (M,) the images still robust
-        robust = robust.clone()
+        t0 = time.time()
         torch.manual_seed(args.seed)
-        robust[todo] = run_attack(model, x[todo], y[todo], name, args.eps, args.alpha, args, f"autoattack {name}")
-        after[name] = robust
+        robust = after[name] = attack_robust(model, x, y, robust, name, args.eps, args.alpha, args, f"autoattack {name}")
         print(f"  {name:<8} {robust.float().mean().item():7.4f} {time.time() - t0:8.1f}   robust after "
               f"{' + '.join(AUTOATTACK[:i + 1])}", flush=True)
     return after
@@ -178,6 +186,8 @@ def main(args):
     ckpt = load_checkpoint(args.ckpt)
     device = torch.device(args.device)
     model = model_from_checkpoint(ckpt, args.ckpt).to(device).eval()
+    # NHWC convolutions: on 2 CPU cores ~15% faster forward and ~25% faster forward+backward than NCHW (measured)
+    model = model.to(memory_format=torch.channels_last)
     train_cfg = ckpt["config"].get("train", {})
     dataset = train_cfg.get("dataset", "cifar10")  # checkpoints older than CIFAR-100 support are CIFAR-10's
     _, _, x_test, y_test = load_dataset(dataset, args.data, download=True)
@@ -195,16 +205,18 @@ def main(args):
               "device": hardware, "torch": torch.__version__, "precision": "bf16" if args.amp else "float32",
               "seed": args.seed, "data": os.path.abspath(args.data), "dataset": dataset, "train_config": train_cfg}
     correct, after = {}, None
+    clean = run_attack(model, x, y, "clean", 0, 0, args)  # the images every attack starts from
     for name in [a for a in LINF_NAMES if a in args.attacks]:
         torch.manual_seed(args.seed)  # each attack's random start is reproducible on its own
         t0 = time.time()
-        if name == "autoattack":
-            clean = correct["clean"] if "clean" in correct else run_attack(model, x, y, "clean", 0, 0, args)
+        if name == "clean":
+            correct[name] = clean
+        elif name == "autoattack":
             after = autoattack(model, x, y, clean, args)
             correct[name] = after[AUTOATTACK[-1]]
             result["autoattack_stages"] = {k: v.float().mean().item() for k, v in after.items()}
         else:
-            correct[name] = run_attack(model, x, y, name, args.eps, args.alpha, args, label=name)
+            correct[name] = attack_robust(model, x, y, clean, name, args.eps, args.alpha, args, label=name)
         result["accuracy"][name] = correct[name].float().mean().item()
         print(f"{name:<8} {result['accuracy'][name]:9.4f} {time.time() - t0:8.1f}", flush=True)
     if correct:
@@ -235,7 +247,7 @@ def main(args):
         for k in SWEEP_EPS:
             torch.manual_seed(args.seed)
             eps = k / 255
-            acc = run_attack(model, x, y, "pgd20", eps, max(eps / 4, 1e-6), args).float().mean().item()
+            acc = attack_robust(model, x, y, clean, "pgd20", eps, max(eps / 4, 1e-6), args).float().mean().item()
             sweep.append([eps, acc])
             print(f"eps {k:>2}/255  PGD-20 (step eps/4) {acc:.4f}", flush=True)
         result["eps_sweep"] = sweep

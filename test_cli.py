@@ -92,6 +92,7 @@ def test_eval_json(trained, tmp_path):
     assert list(stages) == ["apgd_ce", "apgd_t", "square"] and acc["clean"] >= stages["apgd_ce"] >= \
         stages["apgd_t"] >= stages["square"] == acc["autoattack"]
     assert acc["worst"] <= min(v for k, v in acc.items() if k != "worst")
+    assert max(acc.values()) == acc["clean"]  # attacks start from the images classified correctly
     assert acc["worst"] * 20 == pytest.approx(round(acc["worst"] * 20))  # a count of images
     sweep = result["eps_sweep"]
     assert sweep[0] == [0, acc["clean"]] and all(b[1] <= a[1] + 0.1 for a, b in zip(sweep, sweep[1:]))
@@ -338,6 +339,9 @@ def test_autoattack_cascade_attacks_only_the_still_robust(monkeypatch, capsys):
     assert after["apgd_ce"].sum() == 5 and after["apgd_t"].sum() == 3  # robust after each stage, printed
     out = capsys.readouterr().out
     assert "apgd_t" in out and "0.3750" in out and "0.2500" in out
+    # a clean mistake is never attacked, so it cannot be counted robust where an attack lands on the right class
+    monkeypatch.setitem(eval_cli.ATTACKS, "pgd20", (lambda m, x, y, eps, alpha, seed: torch.ones_like(x), 1))
+    assert eval_cli.attack_robust(features, x, y, clean, "pgd20", 0, 0, args).tolist() == [False] + [True] * 7
 
 
 def test_progress_line_in_a_piped_run(trained_model, monkeypatch, capsys):
