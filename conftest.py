@@ -2,8 +2,8 @@
 
 `trained_model`: a small CIFAR ResNet-18 (width 8) trained for ~2 s on CPU on a synthetic 10-class image set
 (oriented gratings under noise, 16x16, which the network accepts as it pools adaptively). It reaches ~100% clean
-accuracy and, being trained without attacks, is not robust: at eps = 8/255 PGD fools nearly every example, at
-eps = 4/255 about two thirds, so attacks of different strength give different accuracies there.
+accuracy and, being trained without attacks, is not robust: PGD-20 leaves about 77%, 14% and 0% at eps = 2, 4
+and 8/255, FGSM about 88%, 41% and 8%, so attacks of different strength give different accuracies there.
 """
 import math
 
