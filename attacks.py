@@ -314,19 +314,24 @@ def apgd(model, x, y, eps, steps=100, loss="ce", targeted=False, n_targets=9, se
 # ---------------------------------------------------------------- Square Attack
 
 
-def _square_p(it, queries, p_init):
+def _square_p(it, queries, p_init, rescale=False):
     """Fraction p of the image that update `it` (0-based) resamples: the paper's schedule for 10,000 queries,
-    p_init halved after updates 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000, stretched to `queries`."""
-    it = it * 10000 // queries  # AutoAttack's rescaling: the same schedule shape for any budget
+    p_init halved after updates 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000; with rescale, stretched to
+    `queries` (the Square paper's code), without it cut at `queries` (AutoAttack's standard version)."""
+    if rescale:
+        it = it * 10000 // queries  # the same schedule shape for any budget
     return p_init / 2 ** sum(it > b for b in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
 
 
-def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
+def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0, rescale=False):
     """L-inf Square Attack (Andriushchenko et al. 2020), untargeted, as AutoAttack's standard version runs it.
 
     A random search that reads only the logits: from vertical stripes x +- eps, each update sets a random square
     of side round(sqrt(p * H * W)) to x +- eps (one random sign per channel) and keeps it where it lowers the
-    margin z_y - max_{i!=y} z_i; p shrinks by `_square_p`. Only images not yet fooled (margin >= 0) are queried.
+    margin z_y - max_{i!=y} z_i; p shrinks by `_square_p`, on the 10,000-query schedule cut at `queries` as in
+    AutoAttack (its resc_schedule=False), or stretched to `queries` with rescale=True as in the Square paper's
+    code (what matters below 10,000 queries: at 5,000, the last squares are 3 pixels wide or 1). Only images
+    not yet fooled (margin >= 0) are queried.
     `queries` is the budget of model evaluations per image, the clean one and the stripes included, so at most
     queries - 2 updates; with queries=1 it returns x. Returns x where the clean input is misclassified, else the
     lowest-margin point of the search. Randomness from a generator seeded by `seed`: reproducible per seed.
@@ -343,6 +348,8 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
     def signs(*shape):  # random +-1 of x's dtype
         return torch.randint(0, 2, shape, generator=generator, device=device).to(x.dtype) * 2 - 1
 
+    if eps == 0:  # the ball is one point: nothing to search, no query to spend
+        return x.clone()
     rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)  # (H,), (W,)
     with torch.no_grad():  # scores only: no graph, no .grad anywhere
         margin = _margin(model(x).float(), y)  # (N,) query 1: clean mistakes are never queried again
@@ -357,7 +364,7 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
             if todo.numel() == 0:
                 break
             m, x_m, best_m = len(todo), x[todo], best[todo]  # (M, C, H, W) each
-            s = min(max(round(math.sqrt(_square_p(it, queries, p_init) * h * w)), 1), h, w)
+            s = min(max(round(math.sqrt(_square_p(it, queries, p_init, rescale) * h * w)), 1), h, w)
             top = torch.randint(0, h - s + 1, (m, 1), generator=generator, device=device)  # (M, 1) corner row
             left = torch.randint(0, w - s + 1, (m, 1), generator=generator, device=device)  # (M, 1) corner column
             in_rows, in_cols = (rows >= top) & (rows < top + s), (cols >= left) & (cols < left + s)  # (M, H), (M, W)
@@ -365,7 +372,7 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
             sign = signs(m, c, 1, 1)  # (M, C, 1, 1)
             # adding +-2 eps to the perturbation and projecting sets the window to x +- eps: compute that directly,
             # bit-identical to the stripes, so a no-op candidate is caught by exact equality
-            for _ in range(10):  # bounded: with eps = 0 every candidate is a no-op
+            for _ in range(10):  # bounded: where clipping to [0, 1] makes both signs equal, every draw is a no-op
                 cand = torch.where(window, _project(x_m + eps * sign, x_m, eps), best_m)  # (M, C, H, W)
                 same = (cand == best_m).flatten(1).all(1)  # (M,) the window holds these signs already
                 if not same.any():
