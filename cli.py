@@ -107,8 +107,9 @@ def load_checkpoint(path):
     except Exception as e:
         raise CLIError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                        "it is truncated or not a torch checkpoint: train again or pick another file")
-    if not (isinstance(ckpt, dict) and {"model", "config", "epoch"} <= set(ckpt) and isinstance(ckpt["config"], dict)
-            and isinstance(ckpt["config"].get("model"), dict)):
+    if not (isinstance(ckpt, dict) and {"model", "config", "epoch"} <= set(ckpt) and isinstance(ckpt["model"], dict)
+            and isinstance(ckpt["config"], dict) and isinstance(ckpt["config"].get("model"), dict)
+            and isinstance(ckpt["config"].get("train", {}), dict)):
         raise CLIError(f"{path} is not a checkpoint of this project (expected a dict with model, config, epoch)")
     arch = ckpt["config"]["model"].get("arch", "resnet18")
     try:

@@ -24,6 +24,9 @@ def start(device, batch_size, sync_bn):
         if sync_bn:
             raise CLIError("--sync-bn needs several processes: launch with torchrun --nproc_per_node N")
         return 0, 1
+    missing = [k for k in ("WORLD_SIZE", "LOCAL_RANK") if k not in os.environ]
+    if missing:
+        raise CLIError(f"RANK is set but {missing[0]} is not: launch with torchrun --nproc_per_node N, or unset RANK")
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if rank > 0:
         sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; cli.py prints rank 0's errors only
@@ -108,6 +111,6 @@ def peer_failed(error, world):
     return world > 1 and isinstance(error, RuntimeError) and "peer" in str(error)
 
 
-def stop(world):
-    if world > 1 and dist.is_initialized():
+def stop():
+    if dist.is_initialized():  # torchrun with one process too
         dist.destroy_process_group()

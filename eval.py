@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from attacks import apgd, cw_l2, fgsm, pgd, square
-from data import batches, load_dataset
-from cli import (Parser, Progress, cli, eps_type, json_safe, load_checkpoint, model_from_checkpoint, positive,
+from data import DATASETS, batches, load_dataset
+from cli import (CLIError, Parser, Progress, cli, eps_type, json_safe, load_checkpoint, model_from_checkpoint, positive,
                  resolve_device, save_atomic_text, svg_plot)
 
 # name -> (attack at (eps, alpha, seed), model calls per image at most: for the progress line's ETA). The
@@ -55,11 +55,14 @@ def attack_list(text):
 
 
 def get_args(argv=None):
-    p = Parser(description="Evaluate a checkpoint's clean and adversarial accuracy on CIFAR-10.", allow_abbrev=False)
+    p = Parser(description="Evaluate a checkpoint's clean and adversarial accuracy on the test set of the data set "
+                        "it was trained on (CIFAR-10 or CIFAR-100).", allow_abbrev=False)
     p.add_argument("ckpt", type=str, help="checkpoint written by train.py")
-    p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ (downloaded there when missing)")
+    p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (downloaded there when missing)")
     p.add_argument("--n", type=positive(int), default=10000, help="evaluate N test images (a fixed subset spread over the test set; all 10000 by default)")
-    p.add_argument("--attacks", type=attack_list, default=DEFAULT_ATTACKS, help=f"comma-separated subset of {','.join(ALL_NAMES)}")
+    p.add_argument("--attacks", type=attack_list, default=DEFAULT_ATTACKS, help=f"comma-separated subset of {','.join(ALL_NAMES)}; autoattack is AutoAttack's standard "
+                   "cascade (APGD-CE, APGD-T, Square with 5,000 queries) less FAB-T, which in AutoAttack's published "
+                   "logs breaks a few images in thousands after the APGD stages (see README)")
     p.add_argument("--eps", type=eps_type, default=8 / 255, help="L-inf radius in [0, 1] pixel units (0.031 or 8/255)")
     p.add_argument("--alpha", type=positive(eps_type), default=2 / 255, help="PGD and CW-inf step size, pixel units")
     p.add_argument("--batch-size", type=positive(int), default=500, help="images per attack batch")
@@ -121,7 +124,8 @@ def autoattack(model, x, y, robust, args):
     for i, name in enumerate(AUTOATTACK):
         t0 = time.time()
         torch.manual_seed(args.seed)
-        robust = after[name] = attack_robust(model, x, y, robust, name, args.eps, args.alpha, args, f"autoattack {name}")
+        label = f"autoattack {name}"
+        robust = after[name] = attack_robust(model, x, y, robust, name, args.eps, args.alpha, args, label)
         print(f"  {name:<8} {robust.float().mean().item():7.4f} {time.time() - t0:8.1f}   robust after "
               f"{' + '.join(AUTOATTACK[:i + 1])}", flush=True)
     return after
@@ -190,6 +194,10 @@ def main(args):
     model = model.to(memory_format=torch.channels_last)
     train_cfg = ckpt["config"].get("train", {})
     dataset = train_cfg.get("dataset", "cifar10")  # checkpoints older than CIFAR-100 support are CIFAR-10's
+    classes = model.config["num_classes"]
+    if dataset in DATASETS and DATASETS[dataset].num_classes != classes:
+        raise CLIError(f"{args.ckpt} holds a {classes}-class model but names data set {dataset} ("
+                       f"{DATASETS[dataset].num_classes} classes): it was not written by this train.py; pick another file")
     _, _, x_test, y_test = load_dataset(dataset, args.data, download=True)
     # A fixed subset spread over the whole test set: the same images every run, and no single class even
     # where a copy stores the test set sorted by class (the JPEG copy in shared/ does).

@@ -227,9 +227,16 @@ def test_eval_bad_checkpoints(trained, tmp_path, capsys):
     ckpt = torch.load(out, weights_only=True)
     ckpt["config"]["model"]["width"] = 8  # the weights are width 4
     torch.save(ckpt, other_arch)
+    untyped = tmp_path / "untyped.pt"  # model weights that are not a state dict
+    torch.save({**ckpt, "model": torch.zeros(3)}, untyped)
+    mismatched = tmp_path / "mismatched.pt"  # a 10-class model that names CIFAR-100
+    ckpt = torch.load(out, weights_only=True)
+    ckpt["config"]["train"]["dataset"] = "cifar100"
+    torch.save(ckpt, mismatched)
     assert_user_error(run("eval.py", truncated, "--data", root), "truncated.pt", "cannot be read")  # the real CLI
     for path, word in ((tmp_path / "missing.pt", "does not exist"), (text, "cannot be read"),
-                       (foreign, "not a checkpoint"), (odd, "not a checkpoint"), (other_arch, "does not fit")):
+                       (foreign, "not a checkpoint"), (odd, "not a checkpoint"), (untyped, "not a checkpoint"),
+                       (other_arch, "does not fit"), (mismatched, "10-class model")):
         r = run_here(eval_cli, path, "--data", root, "--n", "5", "--device", "cpu", capsys=capsys)
         assert_user_error(r, path.name, word)
     for flags, word in ((["--eps", "-1"], "--eps"), (["--n", "0"], "--n"), (["--batch-size", "0"], "--batch-size"),

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 import eval as eval_cli
 from anchor import anchor_loss
-from test_cli import HERE, TINY, assert_user_error, run_here
+from test_cli import HERE, TINY, assert_user_error, run, run_here
 from test_data import make_cifar
 
 WORLD = 2
@@ -108,6 +108,14 @@ def test_torchrun_user_error_is_one_line_from_rank_0(tmp_path):
         for word in words:
             assert word in worker_lines[0]
         assert not (tmp_path / "x.pt").exists()
+
+
+def test_rank_without_torchrun_is_one_line(tmp_path):
+    """RANK alone in the environment (a half-set launcher) is a user error naming torchrun, not a KeyError."""
+    make_cifar(tmp_path)
+    r = run("train.py", "--data", tmp_path, "--out", tmp_path / "x.pt", *TINY, RANK="0")
+    assert_user_error(r, "WORLD_SIZE", "torchrun")
+    assert not (tmp_path / "x.pt").exists()
 
 
 def patched_train(path, patch):

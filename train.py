@@ -397,7 +397,7 @@ def main(args):
             raise CLIError(f"another process stopped (its message is above); {args.out} keeps the last saved state")
         raise
     finally:
-        ddp.stop(world)
+        ddp.stop()
 
 
 if __name__ == "__main__":
