@@ -60,7 +60,8 @@ def get_args(argv=None):
     p.add_argument("ckpt", type=str, help="checkpoint written by train.py")
     p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (downloaded there when missing)")
     p.add_argument("--n", type=positive(int), default=10000, help="evaluate N test images (a fixed subset spread over the test set; all 10000 by default)")
-    p.add_argument("--attacks", type=attack_list, default=DEFAULT_ATTACKS, help=f"comma-separated subset of {','.join(ALL_NAMES)}; autoattack is AutoAttack's standard "
+    p.add_argument("--attacks", type=attack_list, default=DEFAULT_ATTACKS,
+                   help=f"comma-separated subset of {','.join(ALL_NAMES)}; autoattack is AutoAttack's standard "
                    "cascade (APGD-CE, APGD-T, Square with 5,000 queries) less FAB-T, which in AutoAttack's published "
                    "logs breaks a few images in thousands after the APGD stages (see README)")
     p.add_argument("--eps", type=eps_type, default=8 / 255, help="L-inf radius in [0, 1] pixel units (0.031 or 8/255)")
