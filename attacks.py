@@ -330,8 +330,8 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0, rescale=False):
     of side round(sqrt(p * H * W)) to x +- eps (one random sign per channel) and keeps it where it lowers the
     margin z_y - max_{i!=y} z_i; p shrinks by `_square_p`, on the 10,000-query schedule cut at `queries` as in
     AutoAttack (its resc_schedule=False), or stretched to `queries` with rescale=True as in the Square paper's
-    code (what matters below 10,000 queries: at 5,000, the last squares are 3 pixels wide or 1). Only images
-    not yet fooled (margin >= 0) are queried.
+    code (what matters below 10,000 queries: at 5,000 on 32x32 images, the last squares are 3 pixels wide or
+    1). Only images not yet fooled (margin >= 0) are queried.
     `queries` is the budget of model evaluations per image, the clean one and the stripes included, so at most
     queries - 2 updates; with queries=1 it returns x. Returns x where the clean input is misclassified, else the
     lowest-margin point of the search. Randomness from a generator seeded by `seed`: reproducible per seed.

@@ -367,8 +367,9 @@ def test_square_p_schedule():
     its = [0, 10, 11, 50, 51, 200, 201, 500, 501, 1000, 1001, 2000, 2001, 4000, 4001, 6000, 6001, 8000, 8001, 9999]
     for rescale in (False, True):  # at 10,000 queries the two agree
         assert [_square_p(it, 10000, 0.8, rescale) for it in its] == [0.8 / 2 ** (k // 2) for k in range(len(its))]
-    # AutoAttack's standard version cuts the schedule at its budget: at 5,000 queries p ends at p_init / 32
+    # AutoAttack's standard version cuts the schedule at its budget: at 5,000 queries p ends at p_init / 128
     assert [_square_p(it, 5000, 0.5) for it in its[:14]] == [0.5 / 2 ** (k // 2) for k in range(14)]
+    assert _square_p(4999, 5000, 0.5) == 0.5 / 128
     # rescale stretches it: update it of 5000 acts as update 2 * it of 10,000
     its = [0, 5, 6, 25, 26, 100, 101, 3999, 4000, 4001, 4999]
     halvings = [0, 0, 1, 1, 2, 2, 3, 8, 8, 9, 9]
