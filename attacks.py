@@ -341,6 +341,8 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0, rescale=False):
     _check_count("queries", queries)
     if not 0 < float(p_init) <= 1:  # written so that NaN fails too
         raise ValueError(f"p_init must be in (0, 1], got {p_init}")
+    if eps == 0:  # the ball is one point: nothing to search, no query to spend
+        return x.clone()
     c, h, w = x.shape[1:]
     view, device = (-1, 1, 1, 1), x.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -348,8 +350,6 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0, rescale=False):
     def signs(*shape):  # random +-1 of x's dtype
         return torch.randint(0, 2, shape, generator=generator, device=device).to(x.dtype) * 2 - 1
 
-    if eps == 0:  # the ball is one point: nothing to search, no query to spend
-        return x.clone()
     rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)  # (H,), (W,)
     with torch.no_grad():  # scores only: no graph, no .grad anywhere
         margin = _margin(model(x).float(), y)  # (N,) query 1: clean mistakes are never queried again
