@@ -276,7 +276,9 @@ def test_bench_runs_the_training_step(tmp_path):
     bench.main(bench.get_args(["--device", "cpu", "--width", "4", "--batch-size", "8", "--steps", "1",
                                "--warmup", "0", "--iters", "1", "--json", str(j)]))
     table = json.loads(j.read_text())
-    assert [r["loss"] for r in table["rows"]] == ["ce", "anchor"] and all(r["images_per_s"] > 0 for r in table["rows"])
+    assert [(r["loss"], r["precision"]) for r in table["rows"]] == [  # the CPU's variants: NCHW, then the default
+        ("ce", "fp32"), ("anchor", "fp32"), ("ce", "channels_last"), ("anchor", "channels_last")]
+    assert all(r["images_per_s"] > 0 for r in table["rows"])
 
 
 def test_lr_schedule():

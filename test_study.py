@@ -1,0 +1,120 @@
+"""study.py: a real tiny grid (a failing run, Ctrl-C, resume, skip), bad arguments, and the aggregation arithmetic."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import study
+from test_cli import HERE, TINY, assert_user_error, run_here
+from test_data import make_cifar
+
+
+def study_cmd(out, data, *extra):
+    return [sys.executable, os.path.join(HERE, "study.py"), "--losses", "anchor,ce", "--seeds", "0", "--out", str(out),
+            "--n", "20", "--aa-n", "4", *extra, "--", "--data", str(data), "--epochs", "4", *TINY]
+
+
+def rows(out):
+    return [json.loads(line) for line in open(out / "rows.jsonl")]
+
+
+def test_grid_fails_stops_resumes_and_skips(tmp_path):
+    make_cifar(tmp_path)
+    out = tmp_path / "study"
+    os.makedirs(out / "runs" / "anchor_s0.pt")  # anchor's checkpoint path is a folder: train.py refuses it
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(study_cmd(out, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 60
+    while not (out / "runs" / "ce_s0.pt").exists() and time.time() < deadline:  # ce's first epoch is saved
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)  # Ctrl-C: passed on to train.py once, which saves after its step
+    stdout, _ = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in stdout, stdout
+    assert "rerun the same command" in stdout
+    [failed] = rows(out)  # the failure is recorded, the interrupted run is not
+    assert (failed["loss"], failed["status"], failed["stage"]) == ("anchor", "failed", "train")
+    assert "folder" in failed["error"]
+
+    os.rmdir(out / "runs" / "anchor_s0.pt")
+    r = subprocess.run(study_cmd(out, tmp_path), capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 runs, 0 finished before, 2 to run" in r.stdout
+    console = open(out / "runs" / "ce_s0.console.log").read()
+    trains = [line for line in console.splitlines() if line.startswith("$ ") and "train.py" in line]
+    assert len(trains) == 2 and "--resume" in trains[1] and "resuming" in console  # continued, not restarted
+    done = [row for row in rows(out) if row["status"] == "ok"]
+    assert sorted((row["loss"], row["seed"]) for row in done) == [("anchor", 0), ("ce", 0)]
+    for row in done:
+        assert set(row["accuracy"]) == {"clean", "pgd20", "autoattack"}
+        assert row["n"] == {"clean": 20, "pgd20": 20, "autoattack": 4}
+        assert 0 <= row["accuracy"]["autoattack"] <= row["accuracy"]["clean"] <= 1
+        assert row["best_epoch"] in range(1, 5) and len(row["history"]) == 4 and row["train_s"] > 0
+        assert row["train_config"]["loss"] == row["loss"] and row["train_config"]["epochs"] == 4
+        assert set(row["data"]["md5"]) >= {"data_batch_1", "test_batch"} and row["torch"]
+    summary = open(out / "summary.md").read()
+    assert "| anchor − ce |" in summary and "failed in train" in summary
+    assert (out / "summary.svg").read_text().count("<circle") == 2 * 3  # 2 runs x 3 metrics
+
+    again = subprocess.run(study_cmd(out, tmp_path), capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and "2 finished before, 0 to run" in again.stdout, again.stdout + again.stderr
+    assert len(rows(out)) == 3  # nothing duplicated
+
+
+@pytest.mark.parametrize("flags,train_flags,words", [
+    (["--losses", "ce,bogus"], [], ["--losses", "bogus"]),
+    (["--losses", "ce,ce"], [], ["--losses"]),
+    (["--seeds", "0,x"], [], ["--seeds", "integers"]),
+    (["--aa-n", "30", "--n", "20"], [], ["--aa-n"]),
+    ([], ["--seed", "3"], ["--seed", "study.py sets"]),
+    ([], ["--epochs", "0"], ["train.py flags", "--epochs"]),
+    ([], ["--limit", "100000"], ["--limit"]),  # refused by train.py only once it reads the data: still up front
+])
+def test_bad_arguments_one_line_before_anything_runs(tmp_path, capsys, flags, train_flags, words):
+    make_cifar(tmp_path)
+    r = run_here(study, "--out", tmp_path / "s", *flags, "--", "--data", tmp_path, *TINY, *train_flags, capsys=capsys)
+    assert_user_error(r, *words)
+    assert not (tmp_path / "s" / "rows.jsonl").exists()
+
+
+def test_other_recipe_in_the_same_folder_is_refused(tmp_path, capsys):
+    make_cifar(tmp_path)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "study.json").write_text(json.dumps({"train_flags": ["--epochs", "9"], "n": 2000,
+                                                          "attacks": ["clean", "pgd20"], "aa_n": 500}))
+    r = run_here(study, "--out", tmp_path / "s", "--", "--data", tmp_path, *TINY, capsys=capsys)
+    assert_user_error(r, "train_flags", "another --out")
+
+
+def fake_row(loss, seed, clean, pgd, aa=None, status="ok"):
+    acc = {"clean": clean, "pgd20": pgd, **({"autoattack": aa} if aa is not None else {})}
+    return {"loss": loss, "seed": seed, "status": status, "accuracy": acc, "best_epoch": 3, "val_clean": 0.5,
+            "val_pgd": 0.3, "train_s": 600.0}
+
+
+def test_aggregation_arithmetic(tmp_path):
+    ce = [(0.50, 0.30), (0.52, 0.31), (0.54, 0.35)]
+    anchor = [(0.53, 0.30), (0.54, 0.33), (0.58, 0.35)]  # clean differences 0.03, 0.02, 0.04
+    all_rows = [fake_row("ce", s, *v) for s, v in enumerate(ce)] + [fake_row("anchor", s, *v) for s, v in enumerate(anchor)]
+    all_rows.append({"loss": "trades", "seed": 0, "status": "failed", "stage": "eval", "error": "boom"})
+    mean, half, n = study.paired(all_rows[:6], "anchor", "clean")
+    # the differences have mean 0.03 and standard deviation 0.01; t(2 df, 97.5%) = 4.303
+    assert n == 3 and math.isclose(mean, 0.03) and math.isclose(half, 4.303 * 0.01 / math.sqrt(3))
+    mean, half, n = study.paired(all_rows[:6], "anchor", "pgd20")  # differences 0, 0.02, 0: within the noise
+    assert math.isclose(mean, 0.02 / 3) and half > abs(mean)
+    assert study.paired(all_rows[:6], "anchor", "autoattack")[2] == 0  # not measured: no pairs
+
+    (tmp_path / "study.json").write_text(json.dumps({"train_flags": ["--epochs", "3"], "n": 2000,
+                                                     "attacks": ["clean", "pgd20"], "aa_n": 500}))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_rows) + '{"cut short')
+    study.summarize(str(tmp_path))
+    md = (tmp_path / "summary.md").read_text()
+    assert "| ce | 3 | 52.0 ± 2.0 | 32.0 ± 2.6 | – |" in md  # sd of 30, 31, 35 is 2.65
+    assert "| anchor − ce | +3.0 [+0.5, +5.5] * | +0.7 [" in md  # 3.0 ± 4.303 * 1.0 / sqrt(3) = 3.0 ± 2.5
+    assert md.index("| ce |") < md.index("| anchor |")  # the baseline first
+    assert "| trades | 0 | failed | failed in eval: boom |" in md
+    assert (tmp_path / "summary.svg").read_text().count("<circle") == 12  # 6 runs x 2 measured metrics
