@@ -130,7 +130,7 @@ class Child:
 
     @classmethod
     def run(cls, cmd, log):
-        """Run cmd, its output shown and appended to `log`; -> (exit status, last line of its stderr)."""
+        """Run cmd, its output shown and appended to `log`; -> (exit status, its last line: the error if it failed)."""
         with open(log, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
             cls.current = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -167,7 +167,7 @@ def run_one(args, loss, seed, runs, data):
     best = history[torch.load(files["best"], map_location="cpu", weights_only=True)["epoch"] - 1]
     row = {"loss": loss, "seed": seed, "status": "ok", "best_epoch": best["epoch"], "val_clean": best["val_clean"],
            "val_pgd": best["val_pgd"], "train_s": sum(r["s"] for r in history), "history": history,
-           "command": cmd, "eval_commands": [], "accuracy": {}, "n": {}}
+           "command": cmd, "eval_commands": [], "eval_s": 0.0, "accuracy": {}, "n": {}}
     evals = [(args.attacks, args.n, "eval")] + ([(["autoattack"], args.aa_n, "aa")] if args.aa_n else [])
     for attacks, n, tag in evals:
         out = f"{stem}.{tag}.json"
@@ -184,7 +184,7 @@ def run_one(args, loss, seed, runs, data):
             return {**failed, "stage": "eval", "exit": code, "error": last}
         with open(out) as f:
             result = json.load(f)
-        row["eval_s"] = row.get("eval_s", 0) + (time.time() - t0 if not fresh else 0)
+        row["eval_s"] += time.time() - t0
         for name, acc in result["accuracy"].items():
             if name != "worst":
                 row["accuracy"][name], row["n"][name] = acc, result["n"]
