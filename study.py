@@ -238,14 +238,18 @@ def summary_markdown(rows, losses, study):
                                                                if math.isfinite(half) else " (1 seed)")
                 cells.append(cell + (" *" if math.isfinite(half) and abs(mean) > half else ""))
             lines.append(f"| {loss} − ce | " + " | ".join(cells) + " |")
-    lines += ["", "Every run:", "", "| method | seed | status | best epoch | val clean | val PGD | "
-              + " | ".join(name for _, name in METRICS) + " | train min |", "|---" * (7 + len(METRICS)) + "|"]
+    lines += ["", "Every run (the loss terms are training means over the first and the last epoch; the second term is "
+              "the contrastive loss for anchor and supcon, the KL for trades, 0 for ce):", "",
+              "| method | seed | status | best epoch | val clean | val PGD | " + " | ".join(name for _, name in METRICS)
+              + " | train min | CE term | second term |", "|---" * (9 + len(METRICS)) + "|"]
     for r in rows:
         if r["status"] == "ok":
+            epochs = [e for e in r.get("history", []) if e["stage"] == "train"]
+            trend = [f"{epochs[0][k]:.3f} → {epochs[-1][k]:.3f}" if epochs else "–" for k in ("ce", "second")]
             cells = [str(r["best_epoch"]), pct(r["val_clean"]), pct(r["val_pgd"]),
-                     *[pct(r["accuracy"].get(m)) for m, _ in METRICS], f"{r['train_s'] / 60:.1f}"]
+                     *[pct(r["accuracy"].get(m)) for m, _ in METRICS], f"{r['train_s'] / 60:.1f}", *trend]
         else:
-            cells = [f"failed in {r['stage']}: {r['error']}", *[""] * (3 + len(METRICS))]
+            cells = [f"failed in {r['stage']}: {r['error']}", *[""] * (5 + len(METRICS))]
         lines.append(f"| {r['loss']} | {r['seed']} | {r['status']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -57,7 +57,7 @@ def test_grid_fails_stops_resumes_and_skips(tmp_path):
         assert row["train_config"]["loss"] == row["loss"] and row["train_config"]["epochs"] == 4
         assert set(row["data"]["md5"]) >= {"data_batch_1", "test_batch"} and row["torch"]
     summary = open(out / "summary.md").read()
-    assert "| anchor − ce |" in summary and "failed in train" in summary
+    assert "| anchor − ce |" in summary and "failed in train" in summary and " → " in summary  # loss terms
     assert (out / "summary.svg").read_text().count("<circle") == 2 * 3  # 2 runs x 3 metrics
 
     again = subprocess.run(study_cmd(out, tmp_path), capture_output=True, text=True, env=env)
