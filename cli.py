@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from data import DataError
+from data import DATASETS, DataError
 from model import ARCHS, arch_key, build_model
 
 
@@ -122,11 +122,17 @@ def load_checkpoint(path):
 
 
 def model_from_checkpoint(ckpt, path):
+    """The checkpoint's model, or CLIError where its weights or its class count do not fit."""
     try:
         model = build_model(ckpt["config"]["model"])
         model.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError) as e:
         raise CLIError(f"{path} does not fit this project's model ({str(e).splitlines()[0][:160]})")
+    dataset = ckpt["config"].get("train", {}).get("dataset", "cifar10")  # older checkpoints are CIFAR-10's
+    classes = model.config["num_classes"]
+    if dataset in DATASETS and DATASETS[dataset].num_classes != classes:
+        raise CLIError(f"{path} holds a {classes}-class model but names data set {dataset} ("
+                       f"{DATASETS[dataset].num_classes} classes): it was not written by this train.py; pick another file")
     return model
 
 

@@ -1,5 +1,6 @@
 """End-to-end tests of train.py and eval.py as users run them (subprocesses on a tiny data set in the official
 format), resume equivalence, and the bad-input cases: one line on stderr, exit status 2, nothing lost."""
+import copy
 import hashlib
 import json
 import os
@@ -13,7 +14,9 @@ import torch
 
 import eval as eval_cli
 import train
-from attacks import square
+from attacks import apgd, cw_l2, fgsm, pgd, square
+from cli import json_safe
+from conftest import synthetic_images
 from test_data import make_cifar
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,6 +91,9 @@ def test_eval_json(trained, tmp_path):
     assert result["n"] == 20 and result["eps"] == pytest.approx(8 / 255) and result["loss"] == "anchor"
     assert set(acc) == {"clean", "fgsm", "pgd20", "cw_inf", "autoattack", "worst"}
     assert all(0 <= a <= 1 for a in acc.values())
+    assert set(result["per_class"]) == set(acc) and all(len(c) == 10 for c in result["per_class"].values())
+    worst = [a for a in result["per_class"]["worst"] if a is not None]  # null: a class without test images
+    assert f"weakest class" in r.stdout and f"{min(worst):.4f}" in r.stdout and f"{max(worst):.4f}" in r.stdout
     stages = result["autoattack_stages"]  # robust after APGD-CE, then APGD-T, then Square: never rising
     assert list(stages) == ["apgd_ce", "apgd_t", "square"] and acc["clean"] >= stages["apgd_ce"] >= \
         stages["apgd_t"] >= stages["square"] == acc["autoattack"]
@@ -103,17 +109,24 @@ def test_eval_json(trained, tmp_path):
         assert name in r.stdout
 
 
-def test_eval_subset_and_cw_l2(trained, tmp_path, capsys):
+def test_eval_subset_and_cw_l2_json_equals_robustness(trained, tmp_path, monkeypatch, capsys):
+    """--n 10 and cw_l2 in the JSON; the JSON holds robustness()'s dict as it is, for the model and images the
+    CLI loads (the CLI adds its metadata only)."""
     root, out, _ = trained
+    monkeypatch.setattr(eval_cli, "cw_l2", lambda m, x, y: cw_l2(m, x, y, steps=5, search_steps=2))  # for time
     j = tmp_path / "sub.json"
-    r = run_here(eval_cli, out, "--data", root, "--n", 10, "--attacks", "clean,apgd-ce,cw_l2", "--json", j,
-                 "--device", "cpu", capsys=capsys)
+    argv = [out, "--data", root, "--n", 10, "--attacks", "clean,apgd-ce,cw_l2", "--device", "cpu"]
+    r = run_here(eval_cli, *argv, "--json", j, capsys=capsys)
     assert r.returncode == 0, r.stderr
-    result = json.loads(j.read_text())
+    result = json.loads(j.read_text(), parse_constant=strict)
     assert set(result["accuracy"]) == {"clean", "apgd_ce", "worst"}
     cw = result["cw_l2"]
     assert cw["attacked"] == round(result["accuracy"]["clean"] * 10)
     assert 0 <= cw["success_rate"] <= 1 if cw["attacked"] else cw["success_rate"] is None
+    _, model, x, y = eval_cli.load(eval_cli.get_args([str(a) for a in argv]))
+    direct = eval_cli.robustness(model, x, y, ["clean", "apgd_ce", "cw_l2"], progress=False)
+    assert len(x) == 10 and {"accuracy", "per_class", "warnings", "cw_l2", "representation"} <= set(direct)
+    assert {k: result[k] for k in direct} == json.loads(json.dumps(json_safe(direct)))
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
@@ -296,17 +309,17 @@ def test_eval_sanity_checks_fire():
     """Each warning fires on a model built to trip it, and none on a plain one."""
     torch.manual_seed(0)
     model = train.build_model({"width": 4}).eval()
-    x, y = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,))
-    args = eval_cli.get_args(["unused.pt", "--device", "cpu", "--batch-size", "20"])
-    assert eval_cli.sanity_checks(model, x, y, {"fgsm": 0.5, "pgd20": 0.5}, args) == []
+    x, y = torch.rand(40, 3, 16, 16), torch.randint(0, 10, (40,))  # the model pools adaptively: any size
+    opts = eval_cli.Settings(eps=8 / 255, alpha=2 / 255, batch_size=20, seed=0, progress=False)
+    assert eval_cli.sanity_checks(model, x, y, {"fgsm": 0.5, "pgd20": 0.5}, opts) == []
     cases = {
         "differ": torch.nn.Sequential(model, torch.nn.Dropout(0.5).train()),
         "probabilities": torch.nn.Sequential(model, torch.nn.Softmax(dim=1)),
         "zero input gradient": lambda inputs: model(torch.round(inputs * 4) / 4),  # a step function
     }
     for word, wrapped in cases.items():
-        assert any(word in w for w in eval_cli.sanity_checks(wrapped, x, y, {}, args)), word
-    warnings = eval_cli.sanity_checks(model, x, y, {"fgsm": 0.30, "pgd20": 0.45, "cw_inf": 0.9}, args)
+        assert any(word in w for w in eval_cli.sanity_checks(wrapped, x, y, {}, opts)), word
+    warnings = eval_cli.sanity_checks(model, x, y, {"fgsm": 0.30, "pgd20": 0.45, "cw_inf": 0.9}, opts)
     assert len(warnings) == 1 and "pgd20" in warnings[0]  # cw_inf is not nested with the CE attacks
 
 
@@ -333,13 +346,13 @@ def test_autoattack_cascade_attacks_only_the_still_robust(monkeypatch, capsys):
 
     for name in breaks:
         monkeypatch.setitem(eval_cli.ATTACKS, name, (fake(name), 1))
-    x = torch.full((8, 1, 1, 2), 255, dtype=torch.uint8)
-    x[:, 0, 0, 1] = torch.arange(8)
+    x = torch.ones(8, 1, 1, 2)
+    x[:, 0, 0, 1] = torch.arange(8) / 255
     x[0, 0, 0, 0] = 0  # image 0 is misclassified already
     y = torch.zeros(8, dtype=torch.long)
-    args = eval_cli.get_args(["unused.pt", "--device", "cpu", "--batch-size", "3"])
-    clean = eval_cli.run_attack(features, x, y, "clean", 0, 0, args)
-    after = eval_cli.autoattack(features, x, y, clean, args)
+    opts = eval_cli.Settings(eps=0, alpha=0, batch_size=3, seed=0, progress=True)
+    clean = eval_cli.run_attack(features, x, y, "clean", opts)
+    after = eval_cli.autoattack(features, x, y, clean, opts)
     assert sorted(seen["apgd_ce"]) == [1, 2, 3, 4, 5, 6, 7]  # not image 0
     assert sorted(seen["apgd_t"]) == [3, 4, 5, 6, 7]
     assert sorted(seen["square"]) == [5, 6, 7]
@@ -350,7 +363,7 @@ def test_autoattack_cascade_attacks_only_the_still_robust(monkeypatch, capsys):
     assert "apgd_t" in out and "0.3750" in out and "0.2500" in out
     # a clean mistake is never attacked, so it cannot be counted robust where an attack lands on the right class
     monkeypatch.setitem(eval_cli.ATTACKS, "pgd20", (lambda m, x, y, eps, alpha, seed: torch.ones_like(x), 1))
-    assert eval_cli.attack_robust(features, x, y, clean, "pgd20", 0, 0, args).tolist() == [False] + [True] * 7
+    assert eval_cli.attack_robust(features, x, y, clean, "pgd20", opts).tolist() == [False] + [True] * 7
 
 
 def test_progress_line_in_a_piped_run(trained_model, monkeypatch, capsys):
@@ -359,13 +372,12 @@ def test_progress_line_in_a_piped_run(trained_model, monkeypatch, capsys):
     batches done, plus the images the attack still queries."""
     model, x, y = trained_model
     monkeypatch.setattr(eval_cli.Progress, "PIPE_SECONDS", 0)
-    args = eval_cli.get_args(["unused.pt", "--device", "cpu", "--batch-size", "32"])
-    x8 = (x * 255).round().to(torch.uint8)
+    opts = eval_cli.Settings(eps=4 / 255, alpha=1 / 255, batch_size=32, seed=0, progress=True)
 
     def lines(label):
         return [line for line in capsys.readouterr().out.splitlines() if line.startswith(label + " [")]
 
-    correct = eval_cli.run_attack(model, x8, y, "pgd20", 4 / 255, 1 / 255, args, label="pgd20")
+    correct = eval_cli.run_attack(model, x, y, "pgd20", opts, label="pgd20")
     out = lines("pgd20")
     assert len(out) > 20 and all("ETA" in line for line in out)  # 21 calls a batch
     done = [int(line.split("] ")[1].split("/")[0]) for line in out]
@@ -374,8 +386,7 @@ def test_progress_line_in_a_piped_run(trained_model, monkeypatch, capsys):
     assert any(f"robust <= {first + 32}/64 " in line for line in out) and f"robust <= 32/32 " in out[0]
 
     monkeypatch.setitem(eval_cli.ATTACKS, "square", (lambda m, x, y, eps, alpha, seed: square(m, x, y, eps, 60), 61))
-    args.batch_size = 64
-    correct = eval_cli.run_attack(model, x8, y, "square", 8 / 255, 0, args, label="square")
+    correct = eval_cli.run_attack(model, x, y, "square", opts._replace(eps=8 / 255, batch_size=64), label="square")
     bounds = [int(line.split("robust <= ")[1].split("/")[0]) for line in lines("square")]
     assert bounds[0] == 64 and bounds == sorted(bounds, reverse=True)  # falls as Square fools images
     assert bounds[-1] < 64 and bounds[-1] >= int(correct.sum())  # an upper bound of what stays robust
@@ -384,10 +395,10 @@ def test_progress_line_in_a_piped_run(trained_model, monkeypatch, capsys):
 def test_square_masking_warning():
     torch.manual_seed(0)
     model = train.build_model({"width": 4}).eval()
-    x, y = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,))
-    args = eval_cli.get_args(["unused.pt", "--device", "cpu", "--batch-size", "20"])
-    assert eval_cli.sanity_checks(model, x, y, {}, args, square_only=2) == []  # a couple of images: noise
-    warnings = eval_cli.sanity_checks(model, x, y, {}, args, square_only=3)
+    x, y = torch.rand(40, 3, 16, 16), torch.randint(0, 10, (40,))
+    opts = eval_cli.Settings(eps=8 / 255, alpha=2 / 255, batch_size=20, seed=0, progress=False)
+    assert eval_cli.sanity_checks(model, x, y, {}, opts, square_only=2) == []  # a couple of images: noise
+    warnings = eval_cli.sanity_checks(model, x, y, {}, opts, square_only=3)
     assert len(warnings) == 1 and "Square" in warnings[0] and "3 images" in warnings[0]
 
 
@@ -411,19 +422,139 @@ def test_cifar100_preact_end_to_end(tmp_path, capsys):
     assert "preact-resnet18" in r.stdout and "cifar100" in r.stdout
 
 
-def test_wrong_data_set_and_unknown_arch(tmp_path, capsys):
-    make_cifar(tmp_path)  # CIFAR-10 only
-    r = run_here(train, "--data", tmp_path, "--dataset", "cifar100", "--out", tmp_path / "x.pt", *TINY, capsys=capsys)
+def test_wrong_data_set_and_unknown_arch(trained, tmp_path, capsys):
+    root, out, _ = trained  # root holds CIFAR-10 only
+    r = run_here(train, "--data", root, "--dataset", "cifar100", "--out", tmp_path / "x.pt", *TINY, capsys=capsys)
     assert_user_error(r, "CIFAR-10", "--dataset cifar10")
     assert not (tmp_path / "x.pt").exists()
-    r = run_here(train, "--data", tmp_path, "--epochs", 1, "--out", tmp_path / "ok.pt", *TINY, capsys=capsys)
-    ckpt = torch.load(tmp_path / "ok.pt", weights_only=True)
+    ckpt = torch.load(out, weights_only=True)
     ckpt["config"]["model"]["arch"] = "vit-tiny"
     torch.save(ckpt, tmp_path / "vit.pt")
-    assert_user_error(run_here(eval_cli, tmp_path / "vit.pt", "--data", tmp_path, capsys=capsys), "vit-tiny", "use the code")
-    torch.save(ckpt, tmp_path / "ok.pt")  # --resume reads the same check
-    assert_user_error(run_here(train, "--resume", "--out", tmp_path / "ok.pt", "--data", tmp_path, capsys=capsys), "vit-tiny")
+    assert_user_error(run_here(eval_cli, tmp_path / "vit.pt", "--data", root, capsys=capsys), "vit-tiny", "use the code")
+    # --resume reads the same check
+    assert_user_error(run_here(train, "--resume", "--out", tmp_path / "vit.pt", "--data", root, capsys=capsys), "vit-tiny")
     for flags, word in ((["--arch", "wrn-35-10"], "--arch"), (["--arch", "vgg16"], "--arch"),
                         (["--arch", "wrn-28-10", "--width", "16"], "--width"), (["--dataset", "mnist"], "--dataset")):
-        r = run_here(train, "--data", tmp_path, "--out", tmp_path / "y.pt", *TINY, *flags, capsys=capsys)
+        r = run_here(train, "--data", root, "--out", tmp_path / "y.pt", *TINY, *flags, capsys=capsys)
         assert_user_error(r, word)
+
+
+# ---------------------------------------------------------------- robustness(): any model, from Python
+
+SMALL_EPS = 4 / 255  # the small net below keeps some images robust here and loses others
+
+
+@pytest.fixture(scope="module")
+def small_net():
+    """(a plain nn.Sequential with no `features` or `head`, in eval mode; x [48, 3, 16, 16]; y [48] in 0..4):
+    trained for a moment on synthetic 16x16 images of 5 classes (about 65% clean accuracy)."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    x, y = synthetic_images(560, generator, amplitude=0.1, classes=5)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(150):
+        idx = torch.randint(0, 512, (64,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.eval().zero_grad(set_to_none=True)
+    return net, x[512:], y[512:]
+
+
+SQUARE_QUERIES = 200  # for time: Square's 5,000 cost ~8 s here, and Square itself is tested in test_attacks.py
+
+
+def by_hand(model, x, y, eps, alpha, seed):
+    """Per-image robustness under the default attacks, straight from attacks.py, each on the clean-correct images
+    and AutoAttack's stages each on what the previous one left robust (one batch: no batching to mirror)."""
+    def survives(attack, robust):
+        idx = robust.nonzero()[:, 0]
+        torch.manual_seed(seed)
+        robust = robust.clone()
+        with torch.no_grad():
+            robust[idx] = model(attack(x[idx], y[idx])).argmax(1) == y[idx]
+        return robust
+
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+    out = {"clean": clean,
+           "fgsm": survives(lambda a, b: fgsm(model, a, b, eps), clean),
+           "pgd20": survives(lambda a, b: pgd(model, a, b, eps, alpha, 20), clean),
+           "cw_inf": survives(lambda a, b: pgd(model, a, b, eps, alpha, 30, loss="cw"), clean)}
+    stages = {"apgd_ce": lambda a, b: apgd(model, a, b, eps, 100, seed=seed),
+              "apgd_t": lambda a, b: apgd(model, a, b, eps, 100, loss="dlr", targeted=True, seed=seed),
+              "square": lambda a, b: square(model, a, b, eps, SQUARE_QUERIES, seed=seed)}
+    robust = clean
+    for name, attack in stages.items():
+        robust = out[name] = survives(attack, robust)
+    out["autoattack"] = out.pop("square")
+    out["worst"] = torch.stack([out[k] for k in ("clean", "fgsm", "pgd20", "cw_inf", "autoattack")]).all(0)
+    return out
+
+
+def test_robustness_of_any_model_equals_the_attacks(small_net, monkeypatch, capsys):
+    """A model this project did not build (other input size, 5 classes, no features): the same numbers as the
+    attack functions called one by one, per class too; silent with progress=False."""
+    net, x, y = small_net
+    monkeypatch.setitem(eval_cli.ATTACKS, "square", (lambda m, x, y, eps, alpha, seed:
+                                                     square(m, x, y, eps, SQUARE_QUERIES, seed=seed), SQUARE_QUERIES))
+    result = eval_cli.robustness(net, x, y, eps=SMALL_EPS, alpha=1 / 255, batch_size=64, seed=3, progress=False)
+    assert capsys.readouterr().out == ""
+    expected = by_hand(net, x, y, SMALL_EPS, 1 / 255, seed=3)
+    names = ["clean", "fgsm", "pgd20", "cw_inf", "autoattack", "worst"]
+    assert list(result["accuracy"]) == list(result["per_class"]) == names
+    for name in names:
+        assert result["accuracy"][name] == expected[name].float().mean().item(), name
+        assert result["per_class"][name] == pytest.approx([expected[name][y == k].float().mean().item()
+                                                           for k in range(5)]), name
+    assert result["autoattack_stages"] == {k: expected[k].float().mean().item() for k in ("apgd_ce", "apgd_t")} | \
+        {"square": result["accuracy"]["autoattack"]}
+    assert 0 < result["accuracy"]["worst"] < result["accuracy"]["clean"] < 1  # a mix: the comparison means something
+    assert (result["n"], result["eps"], result["seed"], result["warnings"]) == (48, SMALL_EPS, 3, [])
+    assert "representation" not in result  # no features() to look into
+    report = eval_cli.robustness(net, x, y, attacks="clean", progress=False, features=net[:4])["representation"]
+    assert -1 <= report["inter_class_cos"] <= report["intra_class_cos"] <= 1
+
+
+def test_robustness_leaves_mode_gradients_and_rng(small_net):
+    """The evaluation runs in eval mode and leaves each module's mode, the parameters' .grad (None or not) and
+    the global random state as it found them."""
+    net = copy.deepcopy(small_net[0]).train()
+    x, y = small_net[1:]
+    net[1].eval()  # one module in eval mode, the rest in train mode: each keeps its own
+    net[0].weight.grad = torch.ones_like(net[0].weight)
+    seen, bn_before = [], net[1].running_mean.clone()
+    net.register_forward_hook(lambda m, *_: seen.append(any(k.training for k in m.modules())))
+    rng = torch.get_rng_state()
+    eval_cli.robustness(net, x, y, attacks="clean,fgsm,pgd20", progress=False)
+    assert seen and not any(seen)  # every call in eval mode
+    assert [m.training for m in net.modules()] == [True, True, False, True, True, True, True]
+    assert torch.equal(net[0].weight.grad, torch.ones_like(net[0].weight))
+    assert all(p.grad is None for name, p in net.named_parameters() if name != "0.weight")
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(net[1].running_mean, bn_before)
+
+
+def test_robustness_bad_input(small_net):
+    """Out-of-range labels, images outside [0, 1], uint8 images, a model returning a tuple, an unknown attack:
+    a ValueError naming the fix, the model's mode untouched; a model returning probabilities: the warning."""
+    net, x, y = small_net
+    net.train()
+    try:
+        for args, words in (((x, y + 5), "labels must be class indices 0..4"), ((x * 255, y), r"must lie in \[0, 1\]"),
+                            (((x * 255).to(torch.uint8), y), r"x.float\(\) / 255"),
+                            ((x, y.int()), "y must be int64")):
+            with pytest.raises(ValueError, match=words):
+                eval_cli.robustness(net, *args, progress=False)
+            assert net.training and net[1].training
+    finally:
+        net.eval()
+    with pytest.raises(ValueError, match="return the logits alone"):
+        eval_cli.robustness(lambda images: (net(images), images), x, y, progress=False)
+    with pytest.raises(ValueError, match="unknown attack pgd7"):
+        eval_cli.robustness(net, x, y, attacks=["clean", "pgd7"], progress=False)
+    probabilities = torch.nn.Sequential(net, torch.nn.Softmax(dim=1))
+    warnings = eval_cli.robustness(probabilities, x, y, attacks="clean", progress=False)["warnings"]
+    assert any("probabilities, not logits" in w for w in warnings)
