@@ -14,8 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import eval as eval_cli
+import train
 from anchor import anchor_loss
-from test_cli import HERE, TINY, assert_user_error, run, run_here
+from test_cli import HERE, TINY, assert_user_error, run_here
 from test_data import make_cifar
 
 WORLD = 2
@@ -99,23 +100,27 @@ def torchrun(*args, timeout=180):
 
 def test_torchrun_user_error_is_one_line_from_rank_0(tmp_path):
     make_cifar(tmp_path)
-    for flags, words in ((["--batch-size", "33"], ["--batch-size 33", "multiple of 2"]),
-                         (["--sync-bn"], ["--sync-bn", "cuda"])):
-        r = torchrun(os.path.join(HERE, "train.py"), "--data", tmp_path, "--out", tmp_path / "x.pt", *TINY, *flags)
-        worker_lines = [line for line in r.stderr.splitlines() if "train.py: error:" in line]
-        assert r.returncode != 0 and len(worker_lines) == 1, r.stderr
-        assert f'File "{HERE}' not in r.stderr, r.stderr  # no traceback of ours (torchrun prints its own report)
-        for word in words:
-            assert word in worker_lines[0]
-        assert not (tmp_path / "x.pt").exists()
-
-
-def test_rank_without_torchrun_is_one_line(tmp_path):
-    """RANK alone in the environment (a half-set launcher) is a user error naming torchrun, not a KeyError."""
-    make_cifar(tmp_path)
-    r = run("train.py", "--data", tmp_path, "--out", tmp_path / "x.pt", *TINY, RANK="0")
-    assert_user_error(r, "WORLD_SIZE", "torchrun")
+    r = torchrun(os.path.join(HERE, "train.py"), "--data", tmp_path, "--out", tmp_path / "x.pt", *TINY,
+                 "--batch-size", "33")
+    worker_lines = [line for line in r.stderr.splitlines() if "train.py: error:" in line]
+    assert r.returncode != 0 and len(worker_lines) == 1, r.stderr
+    assert f'File "{HERE}' not in r.stderr, r.stderr  # no traceback of ours (torchrun prints its own report)
+    assert "--batch-size 33" in worker_lines[0] and "multiple of 2" in worker_lines[0]
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("env, flags, words", [
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ["--sync-bn"], ["--sync-bn", "cuda"]),  # as torchrun sets
+    ({"RANK": "0"}, [], ["WORLD_SIZE", "torchrun"]),  # RANK alone: a half-set launcher, not a KeyError
+])
+def test_launch_errors_before_the_process_group(tmp_path, monkeypatch, capsys, env, flags, words):
+    """The checks that run before any process group is joined, in this process with torchrun's variables set
+    (the way their one line reaches the user under torchrun is the test above)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = run_here(train, "--data", tmp_path, "--out", tmp_path / "x.pt", *TINY, *flags, capsys=capsys)
+    assert_user_error(r, *words)
+    assert not (tmp_path / "x.pt").exists() and not dist.is_initialized()
 
 
 def patched_train(path, patch):
