@@ -190,7 +190,8 @@ def run_one(args, loss, seed, runs, data):
                 row["accuracy"][name], row["n"][name] = acc, result["n"]
         row.update(device=result["device"], torch=result["torch"], train_config=result["train_config"])
         row.setdefault("autoattack_stages", result.get("autoattack_stages"))
-    row["data"] = data
+    # Bit-for-bit reruns need the same torch, data copy and thread count: one thread rounds sums differently from two.
+    row.update(data=data, threads=torch.get_num_threads())  # the children inherit this process's thread settings
     return row
 
 
