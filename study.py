@@ -134,7 +134,8 @@ class Child:
         with open(log, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
             cls.current = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                           start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                           start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                                        "OMP_NUM_THREADS": str(torch.get_num_threads())})
             last = ""
             for line in cls.current.stdout:
                 sys.stdout.write(line)
@@ -191,7 +192,7 @@ def run_one(args, loss, seed, runs, data):
         row.update(device=result["device"], torch=result["torch"], train_config=result["train_config"])
         row.setdefault("autoattack_stages", result.get("autoattack_stages"))
     # Bit-for-bit reruns need the same torch, data copy and thread count: one thread rounds sums differently from two.
-    row.update(data=data, threads=torch.get_num_threads())  # the children inherit this process's thread settings
+    row.update(data=data, threads=torch.get_num_threads())  # Child.run gives the children this many
     return row
 
 
@@ -300,6 +301,31 @@ def hms(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
+def run_grid(args, grid, todo, data):
+    """Run the runs of `todo` (the unfinished part of `grid`) in turn; -> exit status, 128 + signal if one stopped it."""
+    rows_file = os.path.join(args.out, "rows.jsonl")
+    start, failures = time.time(), 0
+    for i, (loss, seed) in enumerate(todo):
+        if Child.stopped:  # a signal between two runs
+            print("study interrupted; rerun the same command to continue")
+            return 128 + Child.stopped
+        eta = f"ETA {hms((time.time() - start) / i * (len(todo) - i))}" if i else "ETA after the first run"
+        print(f"\n=== run {len(grid) - len(todo) + i + 1}/{len(grid)}: {loss} seed {seed} | elapsed "
+              f"{hms(time.time() - start)} | {eta}", flush=True)
+        row = run_one(args, loss, seed, os.path.join(args.out, "runs"), data)
+        if row is None:  # a signal: the run saved where it was and continues on the next invocation
+            print(f"study interrupted: {loss} seed {seed} saved; rerun the same command to continue")
+            return 128 + Child.stopped
+        append_row(rows_file, row)
+        failures += row["status"] == "failed"
+        if row["status"] == "failed":
+            print(f"run {loss} seed {seed} FAILED in {row['stage']}: {row['error']} (recorded; the study goes on)")
+        summarize(args.out)
+    print(f"study done in {hms(time.time() - start)}: {len(todo) - failures} runs finished, {failures} failed; "
+          f"see {os.path.join(args.out, 'summary.md')}")
+    return 1 if failures else 0
+
+
 def main(args):
     study_file, rows_file = os.path.join(args.out, "study.json"), os.path.join(args.out, "rows.jsonl")
     if args.summarize:
@@ -322,28 +348,13 @@ def main(args):
     grid = [(loss, seed) for seed in args.seeds for loss in args.losses]  # seed by seed: early pairs to compare
     todo = [g for g in grid if g not in done]
     print(f"study {args.out}: {len(grid)} runs, {len(grid) - len(todo)} finished before, {len(todo)} to run")
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, Child.forward)
-    start, failures = time.time(), 0
-    for i, (loss, seed) in enumerate(todo):
-        if Child.stopped:  # a signal between two runs
-            print("study interrupted; rerun the same command to continue")
-            return 128 + Child.stopped
-        eta = f"ETA {hms((time.time() - start) / i * (len(todo) - i))}" if i else "ETA after the first run"
-        print(f"\n=== run {len(grid) - len(todo) + i + 1}/{len(grid)}: {loss} seed {seed} | elapsed "
-              f"{hms(time.time() - start)} | {eta}", flush=True)
-        row = run_one(args, loss, seed, os.path.join(args.out, "runs"), data)
-        if row is None:  # a signal: the run saved where it was and continues on the next invocation
-            print(f"study interrupted: {loss} seed {seed} saved; rerun the same command to continue")
-            return 128 + Child.stopped
-        append_row(rows_file, row)
-        failures += row["status"] == "failed"
-        if row["status"] == "failed":
-            print(f"run {loss} seed {seed} FAILED in {row['stage']}: {row['error']} (recorded; the study goes on)")
-        summarize(args.out)
-    print(f"study done in {hms(time.time() - start)}: {len(todo) - failures} runs finished, {failures} failed; "
-          f"see {os.path.join(args.out, 'summary.md')}")
-    return 1 if failures else 0
+    previous = {s: signal.signal(s, Child.forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return run_grid(args, grid, todo, data)
+    finally:  # called from Python (the tests), the caller's handlers come back
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        Child.stopped = None
 
 
 if __name__ == "__main__":
