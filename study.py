@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import signal
 import statistics
 import subprocess
@@ -90,6 +91,14 @@ def data_copy(data, dataset):
         with open(os.path.join(folder, name), "rb") as f:
             digests[name] = hashlib.md5(f.read()).hexdigest()
     return {"path": os.path.abspath(folder), "md5": digests}
+
+
+def cpu_name():
+    """The CPU's model and the instruction set torch's CPU kernels use."""
+    name = ""
+    if os.path.exists("/proc/cpuinfo"):
+        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return f"{name or platform.processor() or 'unknown CPU'} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def recipe(args):
@@ -191,8 +200,8 @@ def run_one(args, loss, seed, runs, data):
                 row["accuracy"][name], row["n"][name] = acc, result["n"]
         row.update(device=result["device"], torch=result["torch"], train_config=result["train_config"])
         row.setdefault("autoattack_stages", result.get("autoattack_stages"))
-    # Bit-for-bit reruns need the same torch, data copy and thread count: one thread rounds sums differently from two.
-    row.update(data=data, threads=torch.get_num_threads())  # Child.run gives the children this many
+    # Bit-for-bit reruns need the same torch, data copy, CPU kernels and thread count (they change the rounding).
+    row.update(data=data, threads=torch.get_num_threads(), cpu=cpu_name())  # Child.run gives the children this many
     return row
 
 
