@@ -38,8 +38,9 @@ from eval import attack_list
 HERE = os.path.dirname(os.path.abspath(__file__))
 STUDY_FLAGS = {"--loss", "--seed", "--out", "--resume"}  # study.py sets these for every run
 METRICS = [("clean", "clean"), ("pgd20", "PGD-20"), ("autoattack", "AutoAttack")]
-# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom; 1.96 beyond.
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; 2.0 beyond (2.021 at 40, 1.96 at infinity).
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
 def get_args(argv=None):
@@ -120,8 +121,13 @@ def read_rows(path):
 
 
 def append_row(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    with open(path, "ab+") as f:  # appends go to the end, wherever the reads seek
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":  # a line cut short by a crash: the new row starts a line of its own
+                f.write(b"\n")
+        f.write((json.dumps(row) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 
@@ -145,6 +151,8 @@ class Child:
             cls.current = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
                                                                         "OMP_NUM_THREADS": str(torch.get_num_threads())})
+            if cls.stopped:  # a signal came while no child ran: this one stops at its first chance
+                cls.current.send_signal(cls.stopped)
             last = ""
             for line in cls.current.stdout:
                 sys.stdout.write(line)
@@ -177,7 +185,8 @@ def run_one(args, loss, seed, runs, data):
     best = history[torch.load(files["best"], map_location="cpu", weights_only=True)["epoch"] - 1]
     row = {"loss": loss, "seed": seed, "status": "ok", "best_epoch": best["epoch"], "val_clean": best["val_clean"],
            "val_pgd": best["val_pgd"], "train_s": sum(r["s"] for r in history), "history": history,
-           "command": cmd, "eval_commands": [], "eval_s": 0.0, "accuracy": {}, "n": {}}
+           "command": cmd, "eval_commands": [], "eval_s": 0.0, "accuracy": {}, "n": {},
+           "autoattack_stages": None}
     evals = [(args.attacks, args.n, "eval")] + ([(["autoattack"], args.aa_n, "aa")] if args.aa_n else [])
     for attacks, n, tag in evals:
         out = f"{stem}.{tag}.json"
@@ -199,7 +208,8 @@ def run_one(args, loss, seed, runs, data):
             if name != "worst":
                 row["accuracy"][name], row["n"][name] = acc, result["n"]
         row.update(device=result["device"], torch=result["torch"], train_config=result["train_config"])
-        row.setdefault("autoattack_stages", result.get("autoattack_stages"))
+        if result.get("autoattack_stages") is not None:  # from the AutoAttack evaluation only
+            row["autoattack_stages"] = result["autoattack_stages"]
     # Bit-for-bit reruns need the same torch, data copy, CPU kernels and thread count (they change the rounding).
     row.update(data=data, threads=torch.get_num_threads(), cpu=cpu_name())  # Child.run gives the children this many
     return row
@@ -217,7 +227,7 @@ def paired(rows, loss, metric):
              and by[(loss, s)] is not None and by[("ce", s)] is not None]
     mean, sd = mean_sd(diffs)
     df = len(diffs) - 1
-    half = (T95[df - 1] if df <= len(T95) else 1.96) * sd / math.sqrt(len(diffs)) if df > 0 else math.nan
+    half = (T95[df - 1] if df <= len(T95) else 2.0) * sd / math.sqrt(len(diffs)) if df > 0 else math.nan
     return mean, half, len(diffs)
 
 

@@ -53,6 +53,7 @@ def test_grid_fails_stops_resumes_and_skips(tmp_path, capsys):
     for row in done:
         assert set(row["accuracy"]) == {"clean", "pgd20", "autoattack"}
         assert row["n"] == {"clean": 20, "pgd20": 20, "autoattack": 4}
+        assert set(row["autoattack_stages"]) == {"apgd_ce", "apgd_t", "square"}  # from the second evaluation
         assert 0 <= row["accuracy"]["autoattack"] <= row["accuracy"]["clean"] <= 1
         assert row["best_epoch"] in range(1, 4) and len(row["history"]) == 3 and row["train_s"] > 0
         assert row["train_config"]["loss"] == row["loss"] and row["train_config"]["epochs"] == 3
@@ -121,3 +122,5 @@ def test_aggregation_arithmetic(tmp_path):
     assert md.index("| ce |") < md.index("| anchor |")  # the baseline first
     assert "| trades | 0 | failed | failed in eval: boom |" in md
     assert (tmp_path / "summary.svg").read_text().count("<circle") == 12  # 6 runs x 2 measured metrics
+    study.append_row(str(tmp_path / "rows.jsonl"), fake_row("supcon", 0, 0.5, 0.3))  # after the line cut short
+    assert [r["loss"] for r in study.read_rows(str(tmp_path / "rows.jsonl"))][-2:] == ["trades", "supcon"]
