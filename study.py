@@ -16,7 +16,6 @@ whatever the loss, so methods are compared paired by seed. OUT holds:
     summary.svg   clean, PGD-20 and AutoAttack accuracy: a point per seed, the mean marked
     runs/         each run's checkpoints (.pt, not for git), log (.jsonl), curves (.svg), console output, eval JSON
 """
-import argparse
 import hashlib
 import json
 import math
