@@ -129,10 +129,12 @@ def test_eval_subset_and_cw_l2_json_equals_robustness(trained, tmp_path, monkeyp
     assert {k: result[k] for k in direct} == json.loads(json.dumps(json_safe(direct)))
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    """Ctrl-C mid-epoch, then --resume: the same weights as a run never stopped (CPU, fixed seed)."""
+@pytest.mark.parametrize("layout", [[], ["--no-channels-last"]])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, layout):
+    """Ctrl-C mid-epoch, then --resume: the same weights as a run never stopped (CPU, fixed seed). The resume
+    names no flag, so the checkpoint gives the memory layout too (NHWC and NCHW round differently)."""
     make_cifar(tmp_path)
-    common = ["--data", str(tmp_path), "--epochs", "2", "--finetune-epochs", "1", "--loss", "anchor", *TINY]
+    common = ["--data", str(tmp_path), "--epochs", "2", "--finetune-epochs", "1", "--loss", "anchor", *TINY, *layout]
     assert train.main(train.get_args(common + ["--out", str(tmp_path / "a.pt")])) == 0
 
     real_batches = train.batches
