@@ -8,6 +8,7 @@ Every function takes the world size and is a no-op (or the identity) for one pro
   is agreed on first and then taken by every rank at the same step;
 - rank 0 alone prints and writes files; a user error is one line from rank 0, and every rank exits non-zero.
 """
+import gc
 import os
 import sys
 
@@ -112,5 +113,10 @@ def peer_failed(error, world):
 
 
 def stop():
+    """Leave the process group. The caller drops its DDP wrappers first; they sit in reference cycles, so they are
+    collected here, while the interpreter is whole. One freed at exit, after its group, made gloo abort the exit
+    of a finished run ("terminate called without an active exception": 5 of 31 torchrun runs, torch 2.13 on the
+    CPU; 0 of 120 since)."""
     if dist.is_initialized():  # torchrun with one process too
+        gc.collect()
         dist.destroy_process_group()

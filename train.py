@@ -408,6 +408,7 @@ def main(args):
             raise CLIError(f"another process stopped (its message is above); {args.out} keeps the last saved state")
         raise
     finally:
+        run = None  # the DDP wrapper goes before its process group (see ddp.stop)
         ddp.stop()
 
 
