@@ -81,10 +81,14 @@ def test_train_writes_checkpoint_log_plot(trained):
     assert "val_pgd" in stdout and "saved" in stdout
 
 
-def test_eval_json(trained, tmp_path):
+def test_eval_json(trained, tmp_path, monkeypatch, capsys):
+    """The default attacks through the CLI's entry point, Square at 500 of its 5,000 queries (for time: the
+    1-epoch model keeps an image robust, and Square would spend its whole budget on it)."""
     root, out, _ = trained
+    short = (lambda m, x, y, eps, alpha, seed: square(m, x, y, eps, 500, seed=seed), 501)
+    monkeypatch.setitem(eval_cli.ATTACKS, "square", short)
     j = tmp_path / "eval.json"
-    r = run("eval.py", out, "--data", root, "--n", 20, "--device", "cpu", "--json", j, "--eps-sweep")
+    r = run_here(eval_cli, out, "--data", root, "--n", 20, "--device", "cpu", "--json", j, "--eps-sweep", capsys=capsys)
     assert r.returncode == 0, r.stderr
     result = json.loads(j.read_text(), parse_constant=strict)
     acc = result["accuracy"]
