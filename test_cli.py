@@ -88,7 +88,8 @@ def test_eval_json(trained, tmp_path, monkeypatch, capsys):
     short = (lambda m, x, y, eps, alpha, seed: square(m, x, y, eps, 500, seed=seed), 501)
     monkeypatch.setitem(eval_cli.ATTACKS, "square", short)
     j = tmp_path / "eval.json"
-    r = run_here(eval_cli, out, "--data", root, "--n", 20, "--device", "cpu", "--json", j, "--eps-sweep", capsys=capsys)
+    r = run_here(eval_cli, out, "--data", root, "--n", 20, "--device", "cpu", "--json", j, "--eps-sweep",
+                 capsys=capsys)
     assert r.returncode == 0, r.stderr
     result = json.loads(j.read_text(), parse_constant=strict)
     acc = result["accuracy"]

@@ -213,7 +213,7 @@ def read_run(args):
         setattr(args, k, v)
     if "device" not in args.explicit:  # the same device's generators give the same data order
         args.device = ckpt["device"]
-    if "channels_last" not in args.explicit:  # the same layout rounds the same; older checkpoints were NCHW
+    if "channels_last" not in args.explicit:  # the same layout rounds the same; checkpoints without it: NCHW
         args.channels_last = ckpt.get("channels_last", False)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--resume: {args.out} was trained on cuda, which this machine lacks; pass --device cpu "
@@ -274,8 +274,8 @@ def checkpoint(run, args, epoch, step):
     return {"model": to_cpu(run.model.state_dict()), "optimizer": to_cpu(run.opt.state_dict()),
             "finetune": run.opt.finetune, "epoch": epoch, "step_in_epoch": step,
             "config": {"model": run.model.config, "train": run_config(args)}, "device": run.device.type,
-            "channels_last": args.channels_last, "world_size": run.world, "running": run.running.cpu(), "rng": ddp.gather(rng, run.world),
-            "metrics": {"history": run.history, "best_val_robust": run.best}}
+            "channels_last": args.channels_last, "world_size": run.world, "running": run.running.cpu(),
+            "rng": ddp.gather(rng, run.world), "metrics": {"history": run.history, "best_val_robust": run.best}}
 
 
 def train_epoch(run, args, epoch, stop):
