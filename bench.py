@@ -26,7 +26,10 @@ VARIANTS = {
     "bf16": ["--amp", "--no-channels-last"],
     "bf16+channels_last": ["--amp"],
     "bf16+channels_last+compile": ["--amp", "--compile"],
+    "fp32+compile": ["--no-channels-last", "--compile"],  # for the CPU, where bf16 autocast is refused
 }
+DEFAULTS = {"cuda": ["fp32", "channels_last", "bf16", "bf16+channels_last", "bf16+channels_last+compile"],
+            "cpu": ["fp32", "channels_last"]}
 
 
 def get_args(argv=None):
@@ -36,7 +39,7 @@ def get_args(argv=None):
     p.add_argument("--arch", type=str, default="resnet18", help="model.py's architecture name, e.g. preact-resnet18, wrn-34-10")
     p.add_argument("--width", type=cli.positive(int), default=None, help="ResNet base width (default 64 on CUDA, 8 on the CPU); a WRN's name gives its own")
     p.add_argument("--steps", type=cli.positive(int), default=10, help="PGD steps of the training attack")
-    p.add_argument("--variants", type=str, default=None, help=f"comma-separated subset of {','.join(VARIANTS)} (default: all on CUDA, fp32,channels_last on the CPU)")
+    p.add_argument("--variants", type=str, default=None, help=f"comma-separated subset of {','.join(VARIANTS)} (default: {','.join(DEFAULTS['cuda'])} on CUDA, {','.join(DEFAULTS['cpu'])} on the CPU)")
     p.add_argument("--losses", type=str, default="ce,anchor", help="comma-separated train.py --loss values")
     p.add_argument("--warmup", type=cli.non_negative(int), default=None, help="untimed steps first (default 10 on CUDA, 2 on the CPU; compile needs them)")
     p.add_argument("--iters", type=cli.positive(int), default=None, help="timed steps (default 30 on CUDA, 5 on the CPU)")
@@ -53,7 +56,7 @@ def get_args(argv=None):
     args.width = args.width or (64 if cuda else 8)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     args.iters = args.iters or (30 if cuda else 5)
-    args.variants = (args.variants or ",".join(VARIANTS if cuda else ["fp32", "channels_last"])).split(",")
+    args.variants = args.variants.split(",") if args.variants else DEFAULTS[args.device]
     args.losses = args.losses.split(",")
     for v in args.variants:
         if v not in VARIANTS:
