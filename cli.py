@@ -1,11 +1,14 @@
-"""Command-line plumbing shared by train.py, eval.py and bench.py, kept apart so those read as what they do.
+"""Command-line plumbing shared by train.py, eval.py, bench.py and study.py, kept apart so those read as what they do.
 
 One-line errors with exit status 2 (`CLIError`, `Parser`, `cli`), argument types (`eps_type`, `positive`,
-`non_negative`), atomic writes, checkpoint loading, the hand-written SVG plot and the live progress line.
+`non_negative`), atomic writes, checkpoint loading, the hand-written SVG plot, the live progress line and the
+scope of a Ctrl-C/SIGTERM handler (`on_stop_signals`).
 """
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
 import time
 
@@ -201,6 +204,18 @@ class Progress:
     def close(self):
         if self.tty and self.width:
             print("\r" + " " * self.width + "\r", end="", flush=True)
+
+
+@contextlib.contextmanager
+def on_stop_signals(handler):
+    """`handler` for Ctrl-C and SIGTERM (how `kill` and clusters stop a job) inside the block; the handlers found
+    before come back after it, so a caller in Python (the tests) keeps its own."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def cli(main_fn, args_fn, prog):

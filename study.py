@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import time
 import torch
 
 import train
-from cli import CLIError, Parser, cli, non_negative, positive, save_atomic_text
+from cli import CLIError, Parser, cli, non_negative, on_stop_signals, positive, save_atomic_text
 from data import DATASETS
 from eval import attack_list
 
@@ -319,9 +318,9 @@ def hms(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
-def run_grid(args, grid, todo, data):
-    """Run the runs of `todo` (the unfinished part of `grid`) in turn; -> exit status, 128 + signal if one stopped it."""
-    rows_file = os.path.join(args.out, "rows.jsonl")
+def run_grid(args, grid, todo, rows_file, data):
+    """Run the runs of `todo` (the unfinished part of `grid`) in turn, appending each row to `rows_file`; -> exit
+    status, 128 + signal if one stopped it."""
     start, failures = time.time(), 0
     for i, (loss, seed) in enumerate(todo):
         if Child.stopped:  # a signal between two runs
@@ -366,13 +365,11 @@ def main(args):
     grid = [(loss, seed) for seed in args.seeds for loss in args.losses]  # seed by seed: early pairs to compare
     todo = [g for g in grid if g not in done]
     print(f"study {args.out}: {len(grid)} runs, {len(grid) - len(todo)} finished before, {len(todo)} to run")
-    previous = {s: signal.signal(s, Child.forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return run_grid(args, grid, todo, data)
-    finally:  # called from Python (the tests), the caller's handlers come back
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        Child.stopped = None
+    with on_stop_signals(Child.forward):
+        try:
+            return run_grid(args, grid, todo, rows_file, data)
+        finally:
+            Child.stopped = None  # a next call from Python (the tests) starts unstopped
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import ddp
 from anchor import anchor_loss
 from attacks import pgd
-from cli import (CLIError, Parser, Progress, cli, eps_type, json_safe, load_checkpoint, non_negative, positive,
-                 resolve_device, save_atomic, save_atomic_text, svg_plot, to_cpu)
+from cli import (CLIError, Parser, Progress, cli, eps_type, json_safe, load_checkpoint, non_negative, on_stop_signals,
+                 positive, resolve_device, save_atomic, save_atomic_text, svg_plot, to_cpu)
 from data import DATASETS, DataError, batches, load_dataset, split_train_val
 from model import arch_key, build_model
 
@@ -348,12 +348,8 @@ def stop_on_signal():
         stop.append(signum)
         print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to quit without saving)", flush=True)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with on_stop_signals(handler):
         yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def train(run, args):
