@@ -29,14 +29,15 @@ RHO = 0.75  # APGD: halve the step when fewer than this fraction of steps since 
 # ---------------------------------------------------------------- argument checks
 
 
-def _check_inputs(x, y):
-    """ValueError unless x is [N, C, H, W] in [0, 1] and y is int64 [N]; returns x detached."""
+def _check_inputs(x, y, check_range=True):
+    """ValueError unless x is [N, C, H, W] in [0, 1] and y is int64 [N]; returns x detached. The range check
+    costs a host sync; check_range=False skips it."""
     if x.dim() != 4:
         raise ValueError(f"x must be a 4-D batch [N, 3, H, W], got shape {tuple(x.shape)}")
     if y.shape != x.shape[:1] or y.dtype != torch.int64:
         raise ValueError(f"y must be int64 of shape [N] = [{x.shape[0]}], got {y.dtype} {tuple(y.shape)}")
     x = x.detach()
-    if x.numel():
+    if check_range and x.numel():
         lo, hi = (float(v) for v in torch.aminmax(x))  # one check per call, not per step
         if not (lo >= 0 and hi <= 1):  # written so that NaN fails too
             raise ValueError(f"x must lie in [0, 1] (normalization is inside the model), got [{lo:.4g}, {hi:.4g}]")
@@ -128,15 +129,18 @@ def fgsm(model, x, y, eps):
     return _project(x + eps * grad.sign(), x, eps)
 
 
-def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, loss="ce"):
+def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, loss="ce", check_range=True):
     """L-inf PGD (Madry et al. 2018): `steps` signed-gradient steps of size alpha, projected on the eps-ball.
 
     loss='ce' ascends cross-entropy; loss='cw' ascends the Carlini-Wagner margin max_{i!=y} z_i - z_y (CW-inf);
     a callable loss(logits [N, K] float32, y) -> [N] is ascended as it is.
-    random_start draws the start uniformly in the ball (from torch's global generator). With restarts > 1 each
-    example keeps its worst case: fooled by any restart stays fooled, otherwise the restart of highest loss.
+    random_start=True draws the start uniformly in the ball (from torch's global generator); a float s starts at
+    x + s * N(0, 1) instead (TRADES's code: 0.001); False starts at x. With restarts > 1 each example keeps its
+    worst case: fooled by any restart stays fooled, otherwise the restart of highest loss. check_range=False
+    skips the check that x lies in [0, 1] and its host sync (for a training loop whose x is in range by
+    construction).
     """
-    x = _check_inputs(x, y)
+    x = _check_inputs(x, y, check_range)
     eps = _check_number("eps", eps)
     alpha = _check_number("alpha", alpha, positive=True)
     _check_count("steps", steps)
@@ -149,8 +153,10 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, loss="ce"
     best = best_fooled = best_loss = None
     for _ in range(restarts):
         x_adv = x
-        if random_start:
+        if random_start is True:
             x_adv = _project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+        elif random_start:  # a Gaussian start of std random_start
+            x_adv = _project(x + float(random_start) * torch.randn_like(x), x, eps)
         for _ in range(steps):  # the training hot loop: no host syncs in here
             grad = _input_grad(model, x_adv, y, loss_fn)[0]  # (N, C, H, W)
             x_adv = _project(x_adv + alpha * grad.sign(), x, eps)

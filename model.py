@@ -157,14 +157,6 @@ class Network(nn.Module):
         h = self.features(x)
         return (self.classifier(h), self.head(h)) if projection else self.classifier(h)
 
-    def forward_train(self, x):
-        """(logits, projection) from one pass of the backbone: the training forward."""
-        return self(x, projection=True)
-
-    def backbone_parameters(self):
-        """Everything but the classifier: what `--finetune-epochs` freezes."""
-        return [p for name, p in self.named_parameters() if not name.startswith("classifier.")]
-
 
 def build_model(config=None):
     """Build the network from a plain dict such as {"arch": "preact-resnet18"}; missing keys take DEFAULTS."""

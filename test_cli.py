@@ -134,7 +134,7 @@ def test_eval_subset_and_cw_l2_json_equals_robustness(trained, tmp_path, monkeyp
     assert {k: result[k] for k in direct} == json.loads(json.dumps(json_safe(direct)))
 
 
-@pytest.mark.parametrize("layout", [[], ["--no-channels-last"]])
+@pytest.mark.parametrize("layout", [[], ["--channels-last"]])
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, layout):
     """Ctrl-C mid-epoch, then --resume: the same weights as a run never stopped (CPU, fixed seed). The resume
     names no flag, so the checkpoint gives the memory layout too (NHWC and NCHW round differently)."""
@@ -219,6 +219,11 @@ def test_existing_checkpoint_is_never_overwritten(trained, capsys):
     (["--beta", "-1"], ["--beta"]), (["--device", "tpu"], ["--device"]), (["--alpha", "0"], ["--alpha"]),
     (["--wd", "-1"], ["--wd"]), (["--beta", "nan"], ["--beta"]), (["--lam", "nan"], ["--lam"]),
     (["--lr", "inf"], ["--lr"]), (["--epochs", "0"], ["--epochs"]),
+    # a flag the loss does not use is refused, not ignored
+    (["--loss", "trades", "--beta", "1"], ["--beta", "TRADES's beta is --lam"]),
+    (["--loss", "trades", "--temperature", "0.2"], ["--temperature", "does not use"]),
+    (["--loss", "ce", "--temperature", "0.2"], ["--temperature"]), (["--loss", "ce", "--beta=2"], ["--beta"]),
+    (["--loss", "ce", "--lam", "2"], ["--lam"]), (["--loss", "supcon", "--beta", "0.5"], ["--beta", "supcon"]),
 ])
 def test_train_bad_flags(trained, tmp_path, capsys, flags, words):
     root, _, _ = trained
@@ -281,8 +286,8 @@ def test_train_step_every_loss(loss):
     assert not torch.equal(before["conv1.weight"], model.conv1.weight)
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for p in model.backbone_parameters():
-        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("classifier."))
     train.train_step(model, model, torch.optim.SGD(model.classifier.parameters(), lr=0.1), x, y, args, finetune=True)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -308,8 +313,8 @@ def test_lr_schedule():
     assert lrs[warm] == pytest.approx(peak) and warm == int(0.15 * total) - 1
     assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))  # rising
     assert all(a > b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # then falling
-    assert lrs[-1] == pytest.approx(0, abs=1e-12) and min(lrs[:-1]) > 0
-    assert [train.lr_at(s, 2, peak) for s in range(2)] == [peak, pytest.approx(0, abs=1e-12)]
+    assert 0 < lrs[-1] < 0.01 * peak  # near 0, but the last step still updates
+    assert [train.lr_at(s, 2, peak) for s in range(2)] == [peak, pytest.approx(peak / 2)]
 
 
 def test_eval_sanity_checks_fire():

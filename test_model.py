@@ -75,7 +75,6 @@ def test_logits_and_projection_from_one_backbone_pass(config):
     h = model.features(x)
     assert h.shape == (2, model.feature_dim) and (h >= 0).all()  # pooled after a final ReLU, in every arch
     assert torch.allclose(model.head(h), z, atol=1e-6) and torch.allclose(model.classifier(h), logits, atol=1e-6)
-    assert all(torch.equal(a, b) for a, b in zip(model.forward_train(x), (logits, z)))
 
 
 @pytest.mark.parametrize("c_in, c_out, stride", [(4, 4, 1), (4, 8, 1), (4, 8, 2)])
@@ -139,8 +138,6 @@ def test_a_training_step_moves_backbone_head_and_classifier(config):
     after = {"backbone": first, "head": model.head[0].weight, "classifier": model.classifier.weight}
     for name in before:
         assert not torch.equal(before[name], after[name]), name
-    names = {n for n, p in model.named_parameters() if any(p is q for q in model.backbone_parameters())}
-    assert names == {n for n, _ in model.named_parameters() if not n.startswith("classifier.")}
 
 
 def test_defaults_for_older_configs_and_wrn_width():

@@ -34,6 +34,8 @@ from model import arch_key, build_model
 LOSSES = ("anchor", "supcon", "ce", "trades")
 # Flags that do not change what is trained: on --resume they may differ from the checkpoint's.
 RUNTIME_FLAGS = {"data", "device", "compile", "channels_last", "out", "resume", "sync_bn"}
+# Flags a loss does not read: typed with that loss, they are refused rather than silently ignored.
+IGNORED = {"ce": ("temperature", "beta", "lam"), "trades": ("temperature", "beta"), "supcon": ("beta",)}
 RESUME_KEYS = {"model", "optimizer", "finetune", "epoch", "step_in_epoch", "config", "device", "running", "rng", "metrics"}
 
 
@@ -49,27 +51,39 @@ def get_args(argv=None):
     p.add_argument("--lr", type=positive(float), default=0.2, help="peak SGD learning rate (one-cycle: linear warm-up over 15%% of steps, then cosine to 0)")
     p.add_argument("--wd", type=non_negative(float), default=5e-4, help="weight decay (SGD's L2 coefficient)")
     p.add_argument("--eps", type=eps_type, default=8 / 255, help="L-inf radius in [0, 1] pixel units (0.031 or 8/255)")
-    p.add_argument("--alpha", type=positive(eps_type), default=2 / 255, help="PGD step size, pixel units")
+    p.add_argument("--alpha", type=positive(eps_type), default=None, help="PGD step size, pixel units (default 2/255; 0.007 for trades, as TRADES's code)")
     p.add_argument("--steps", type=positive(int), default=10, help="PGD steps for the training attack")
     p.add_argument("--loss", type=str, default="anchor", choices=LOSSES, help="anchor: CE on PGD examples + lam * anchor_loss; supcon: the same with beta=0; ce: Madry PGD-AT; trades: TRADES")
-    p.add_argument("--temperature", type=positive(float), default=0.1, help="contrastive temperature")
-    p.add_argument("--beta", type=non_negative(float), default=1.0, help="hard-positive mining strength (0 = SupCon)")
-    p.add_argument("--lam", type=non_negative(float), default=None, help="weight of the second loss term (default 1.0 for anchor/supcon, 6.0 for TRADES)")
+    p.add_argument("--temperature", type=positive(float), default=0.1, help="contrastive temperature (anchor, supcon)")
+    p.add_argument("--beta", type=non_negative(float), default=1.0, help="hard-positive mining strength (anchor only; supcon is beta 0)")
+    p.add_argument("--lam", type=non_negative(float), default=None,
+                   help="weight of the second loss term (default 1.0 for anchor/supcon, 6.0 for trades: TRADES's beta). "
+                   "--loss anchor --lam 0 is the BatchNorm-matched control: the same joint pass over both views, CE only")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, PGD starts, init)")
     p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for training (CUDA only); validation stays float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last (NHWC) memory layout: faster convolutions on CUDA and on the CPU (measured in README); "
-                   "--no-channels-last for plain NCHW")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last (NHWC) memory layout; default on CUDA, off on the CPU, where oneDNN's AVX2 "
+                   "channels-last kernels crash at small widths (README)")
     p.add_argument("--arch", type=str, default="resnet18", help="resnet18, preact-resnet18, wrn-34-10, wrn-28-10 or any wrn-DEPTH-WIDEN")
     p.add_argument("--width", type=positive(int), default=64, help="base width of resnet18 / preact-resnet18 (64 = the standard model; 16 for quick CPU runs); a WRN's name gives its width")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the global batch (default: each process's own)")
     p.add_argument("--out", type=str, default="ckpt.pt", help="checkpoint path; the log, plot and best checkpoint go beside it")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     args = p.parse_args(argv)
+    # Which flags the user typed (not defaults): a flag the loss ignores is refused, and --resume refuses those
+    # that contradict the checkpoint.
+    typed = {t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")}
+    args.explicit = {a.dest for a in p._actions if typed & set(a.option_strings)}
+    ignored = [f for f in IGNORED.get(args.loss, ()) if f in args.explicit]
+    if ignored:
+        hint = "; TRADES's beta is --lam (default 6)" if args.loss == "trades" and ignored[0] == "beta" else ""
+        p.error(f"argument --{ignored[0]}: --loss {args.loss} does not use it{hint}; drop the flag")
     if args.lam is None:
         args.lam = 6.0 if args.loss == "trades" else 1.0
+    if args.alpha is None:
+        args.alpha = 0.007 if args.loss == "trades" else 2 / 255
     try:
         is_wrn = arch_key(args.arch) == "wrn-D-K"
     except ValueError as e:
@@ -77,9 +91,8 @@ def get_args(argv=None):
     if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
         p.error(f"argument --out: {args.out} is a folder; name the checkpoint file, e.g. {os.path.join(args.out, 'ckpt.pt')}")
     resolve_device(p, args)
-    # Which flags the user typed (not defaults): --resume refuses those that contradict the checkpoint.
-    typed = {t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")}
-    args.explicit = {a.dest for a in p._actions if typed & set(a.option_strings)}
+    if args.channels_last is None:  # NHWC pays on CUDA; on the CPU, NCHW is the safe layout (see --help)
+        args.channels_last = args.device == "cuda"
     if is_wrn and "width" in args.explicit:
         p.error(f"argument --width: {args.arch}'s name gives its widths (wrn-DEPTH-WIDEN); drop --width")
     return args
@@ -102,7 +115,7 @@ def make_optimizer(model, args, finetune):
     """SGD with Nesterov momentum over what the stage trains: everything, the projection head only where a
     contrastive loss uses it; fine-tuning trains the classifier alone (the rest, BatchNorm too, frozen).
     What is not trained gets requires_grad=False, so DDP expects no gradient for it."""
-    uses_head = args.loss in ("anchor", "supcon") and not finetune
+    uses_head = args.loss in ("anchor", "supcon") and args.lam > 0 and not finetune  # lam 0: the head stays as built
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("classifier.") or (not finetune and (uses_head or not name.startswith("head."))))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
@@ -112,11 +125,12 @@ def make_optimizer(model, args, finetune):
 
 
 def lr_at(step, total, peak):
-    """One-cycle: linear warm-up to the peak over the first 15% of steps, then cosine decay, 0 at the last step."""
+    """One-cycle: linear warm-up to the peak over the first 15% of steps, then cosine decay toward 0, which it
+    would reach one step after the last (so the last step still updates)."""
     warm = max(1, int(0.15 * total))
     if step < warm:
         return peak * (step + 1) / warm
-    return peak * 0.5 * (1 + math.cos(math.pi * (step + 1 - warm) / max(1, total - warm)))
+    return peak * 0.5 * (1 + math.cos(math.pi * (step + 1 - warm) / (total + 1 - warm)))
 
 
 def training_loss(net, x, x_adv, y, args, kind):
@@ -138,7 +152,12 @@ def training_loss(net, x, x_adv, y, args, kind):
     ce = F.cross_entropy(logits_adv, y)
     views = torch.stack(z.chunk(2), dim=1)  # (B, 2, proj_dim)
     # distributed=True: under torchrun the contrast set is the global batch (a no-op in one process)
-    con = anchor_loss(views, y, args.temperature, args.beta if kind == "anchor" else 0.0, distributed=True)
+    beta = args.beta if kind == "anchor" else 0.0
+    if args.lam == 0:  # the control: the same joint pass, CE alone; the term is logged, never differentiated
+        with torch.no_grad():
+            con = anchor_loss(views, y, args.temperature, beta, distributed=True)
+        return ce, [ce, con], logits_adv, logits_clean
+    con = anchor_loss(views, y, args.temperature, beta, distributed=True)
     return ce + args.lam * con, [ce, con], logits_adv, logits_clean
 
 
@@ -152,13 +171,14 @@ def train_step(model, net, opt, x, y, args, finetune=False, train_net=None):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp):
         model.eval()  # attack the model as it predicts (BatchNorm running statistics untouched)
-        attack_loss = "ce"
-        if kind == "trades":  # TRADES's attack ascends KL(clean prediction || adversarial prediction)
+        attack_loss, start = "ce", True  # uniform random start in the eps-ball
+        if kind == "trades":  # TRADES's code: ascend KL(clean prediction || adversarial one) from x + 0.001 N(0, 1)
             with torch.no_grad():
                 clean_logp = F.log_softmax(net(x).float(), 1)
-            attack_loss = lambda logits, y: F.kl_div(F.log_softmax(logits, 1), clean_logp, reduction="none",
-                                                     log_target=True).sum(1)
-        x_adv = pgd(net, x, y, args.eps, args.alpha, args.steps, loss=attack_loss)
+            attack_loss, start = lambda logits, y: F.kl_div(F.log_softmax(logits, 1), clean_logp, reduction="none",
+                                                            log_target=True).sum(1), 0.001
+        # x comes from batches(), in [0, 1] by construction: skip pgd's range check and its host sync
+        x_adv = pgd(net, x, y, args.eps, args.alpha, args.steps, random_start=start, loss=attack_loss, check_range=False)
         model.train(not finetune)  # fine-tuning keeps the frozen backbone's BatchNorm in eval mode
         loss, parts, logits_adv, logits_clean = training_loss(train_net or net, x, x_adv, y, args, kind)
     opt.zero_grad(set_to_none=True)
@@ -168,14 +188,29 @@ def train_step(model, net, opt, x, y, args, finetune=False, train_net=None):
 
 
 def evaluate(model, x, y, args, batch_size=500):
-    """Correct counts [clean, PGD] (args.steps steps, float32, eval mode) on a uint8 set, as a device tensor."""
+    """Correct counts [clean, PGD] (args.steps steps of --alpha, eval mode) on a uint8 set, as a device tensor.
+    An image counts as robust only if its clean version is right too, as eval.py (AutoAttack) counts, so robust
+    never exceeds clean. float32: TF32 is off here even where cuDNN would use it (Ampere and later)."""
     model.eval()
     correct = torch.zeros(2, device=x.device)
-    for xb, yb in batches(x, y, batch_size):
-        x_adv = pgd(model, xb, yb, args.eps, args.alpha, args.steps)
-        with torch.no_grad():
-            correct += torch.stack([(model(xb).argmax(1) == yb).sum(), (model(x_adv).argmax(1) == yb).sum()])
+    with fp32_exact():
+        for xb, yb in batches(x, y, batch_size):
+            x_adv = pgd(model, xb, yb, args.eps, args.alpha, args.steps)
+            with torch.no_grad():
+                right = model(xb).argmax(1) == yb
+                correct += torch.stack([right.sum(), (right & (model(x_adv).argmax(1) == yb)).sum()])
     return correct
+
+
+@contextlib.contextmanager
+def fp32_exact():
+    """TF32 off for convolutions and matmuls (a no-op on the CPU), restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def paths(out):
@@ -211,6 +246,10 @@ def read_run(args):
                        f"{getattr(args, k)}; drop the flag to continue it, or start a new --out")
     for k, v in saved.items():  # the checkpoint's recipe wins: the resumed run equals an uninterrupted one
         setattr(args, k, v)
+    ignored = [f for f in IGNORED.get(args.loss, ()) if f in args.explicit]
+    if ignored:
+        raise CLIError(f"--resume: {args.out} was trained with --loss {args.loss}, which does not use "
+                       f"--{ignored[0]}; drop the flag")
     if "device" not in args.explicit:  # the same device's generators give the same data order
         args.device = ckpt["device"]
     if "channels_last" not in args.explicit:  # the same layout rounds the same; checkpoints without it: NCHW
@@ -392,6 +431,7 @@ def train(run, args):
 def main(args):
     ckpt = read_run(args)
     rank, world = ddp.start(args.device, args.batch_size, args.sync_bn)
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN's autotuned kernels pay (CUDA only)
     user_errors = (CLIError, DataError, OSError)
     try:
         if world > 1:  # rank 0 fetches a missing data set before the others read it

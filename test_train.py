@@ -1,0 +1,89 @@
+"""train.py's pieces against hand-written versions: the BatchNorm-matched control (--loss anchor --lam 0), the
+validation count, TRADES's attack, the defaults that depend on the loss and the device."""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+import train
+from attacks import pgd
+from test_cli import TINY
+
+
+def one_step(model, args, x, y, seed=0):
+    """train.py's step with its own optimizer; -> (parts, adversarial logits, the RNG state after)."""
+    torch.manual_seed(seed)
+    opt = train.make_optimizer(model, args, finetune=False)
+    _, parts, logits_adv, _ = train.train_step(model, model, opt, x, y, args)
+    return parts, logits_adv, torch.get_rng_state()
+
+
+def test_lam_0_is_ce_on_the_joint_pass_with_the_same_random_stream():
+    """--loss anchor --lam 0: the same forward pass (both views through BatchNorm) and the same random stream as
+    --lam 1, no contrastive gradient (the head is not trained), and an update equal to CE alone on that pass."""
+    torch.manual_seed(0)
+    model = train.build_model({"width": 4})
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 3, (16,))
+    control, full, by_hand = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    lam0, lam1 = train.get_args(["--lam", "0", *TINY]), train.get_args(["--lam", "1", *TINY])
+    parts0, adv0, rng0 = one_step(control, lam0, x, y)
+    parts1, adv1, rng1 = one_step(full, lam1, x, y)
+    assert torch.equal(rng0, rng1) and torch.equal(adv0, adv1)  # the same PGD starts, the same forward
+    assert parts0[1].item() == parts1[1].item() > 0  # the contrastive term is measured (logged) in both
+    head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+    assert all(torch.equal(control.state_dict()[k], v) for k, v in head.items())  # lam 0: the head is not trained
+    assert not all(torch.equal(full.state_dict()[k], v) for k, v in head.items())
+
+    torch.manual_seed(0)  # the control by hand: PGD in eval mode, then CE on the adversarial half of one pass
+    by_hand.eval()
+    x_adv = pgd(by_hand, x, y, lam0.eps, lam0.alpha, lam0.steps)
+    by_hand.train()
+    opt = torch.optim.SGD([p for n, p in by_hand.named_parameters() if not n.startswith("head.")], lr=lam0.lr,
+                          momentum=0.9, nesterov=True, weight_decay=lam0.wd)
+    logits = by_hand(torch.cat([x, x_adv]))
+    F.cross_entropy(logits[len(x):], y).backward()
+    opt.step()
+    for k, v in by_hand.state_dict().items():  # weights and BatchNorm statistics of the joint pass
+        assert torch.allclose(control.state_dict()[k].float(), v.float(), atol=1e-6), k
+    assert not torch.allclose(full.conv1.weight, control.conv1.weight)  # lam 1's contrastive gradient moves it
+
+
+class WrongUntilPerturbed(torch.nn.Module):
+    """Class 0 for images on the 1/255 grid (clean images), class 1 for any other: a random start lands on the
+    right class (1) of an image it misclassifies clean. Zero input gradient, so PGD stays at its start."""
+
+    def forward(self, x):
+        off_grid = ((x * 255 - (x * 255).round()).abs().flatten(1).amax(1) > 1e-3).float()  # (N,)
+        return torch.stack([1 - off_grid, off_grid], 1) * 10 + 0 * x.flatten(1).sum(1, keepdim=True)  # (N, 2)
+
+
+def test_validation_counts_robust_only_where_clean_is_right():
+    args = train.get_args(TINY)
+    x = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    y = torch.ones(40, dtype=torch.int64)
+    clean, robust = train.evaluate(WrongUntilPerturbed(), x, y, args, batch_size=16).tolist()
+    assert clean == 0 and robust == 0  # counted as robust before: the perturbed images were "right"
+    y[:10] = 0  # right when clean, fooled by any start
+    assert train.evaluate(WrongUntilPerturbed(), x, y, args, batch_size=16).tolist() == [10, 0]
+
+
+def test_trades_attacks_as_its_reference_code():
+    """--loss trades: step 0.007 unless --alpha says otherwise, and a start at x + 0.001 N(0, 1)."""
+    assert train.get_args(["--loss", "trades", *TINY]).alpha == 0.007
+    assert train.get_args(["--loss", "trades", "--alpha", "0.003", *TINY]).alpha == 0.003
+    assert train.get_args(TINY).alpha == 2 / 255 and train.get_args(TINY).lam == 1.0
+    x, y = torch.rand(4, 3, 8, 8) * 0.5 + 0.25, torch.zeros(4, dtype=torch.int64)
+    flat = lambda inputs: 0 * inputs.flatten(1)[:, :2]  # zero gradient: PGD stays where it starts
+    torch.manual_seed(0)
+    start = pgd(flat, x, y, 8 / 255, 0.007, 1, random_start=0.001)
+    torch.manual_seed(0)
+    assert torch.equal(start, x + 0.001 * torch.randn_like(x))
+    torch.manual_seed(0)
+    uniform = pgd(flat, x, y, 8 / 255, 0.007, 1)
+    assert (uniform - x).abs().max() > 0.02  # the uniform start spreads over the eps-ball (8/255 = 0.031)
+
+
+def test_layout_default_follows_the_device():
+    """NCHW on the CPU (oneDNN's AVX2 channels-last kernels crash at small widths), NHWC on CUDA."""
+    assert train.get_args(TINY).channels_last is False
+    assert train.get_args([*TINY, "--channels-last"]).channels_last is True
