@@ -10,6 +10,7 @@ import time
 import pytest
 
 import study
+import summary
 from test_cli import HERE, TINY, assert_user_error, run_here
 from test_data import make_cifar
 
@@ -59,9 +60,10 @@ def test_grid_fails_stops_resumes_and_skips(tmp_path, capsys):
         assert row["train_config"]["loss"] == row["loss"] and row["train_config"]["epochs"] == 3
         assert set(row["data"]["md5"]) >= {"data_batch_1", "test_batch"} and row["torch"] and row["cpu"]
         assert row["threads"] == 1  # the test runs on one thread (conftest.py), and so do the study's children
+        assert row["arm"] == row["loss"] and row["arm_flags"] == ["--loss", row["loss"]] and not row["val_only"]
     summary = open(out / "summary.md").read()
     assert "| anchor − ce |" in summary and "failed in train" in summary and " → " in summary  # loss terms
-    assert (out / "summary.svg").read_text().count("<circle") == 2 * 3  # 2 runs x 3 metrics
+    assert (out / "summary.svg").read_text().count("<circle") == 2 * 4  # 2 runs x (val PGD + 3 test metrics)
 
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN where pytest itself was started in the background
     again = run_here(study, *study_args(out, tmp_path), capsys=capsys)
@@ -78,6 +80,17 @@ def test_grid_fails_stops_resumes_and_skips(tmp_path, capsys):
     ([], ["--seed", "3"], ["--seed", "study.py sets"]),
     ([], ["--epochs", "0"], ["train.py flags", "--epochs"]),
     ([], ["--limit", "100000"], ["--limit"]),  # refused by train.py only once it reads the data: still up front
+    (["--grid", "lam"], [], ["--grid", "FLAG=V,V"]), (["--grid", "lam="], [], ["--grid"]),
+    (["--grid", "bogus=1,2"], [], ["arm bogus1", "bogus"]),  # train.py has no --bogus
+    (["--grid", "lam=0,x"], [], ["arm lamx", "--lam"]),
+    (["--arm", "lam0"], [], ["--arm", "NAME="]), (["--arm", "a b=--lam 0"], [], ["--arm", "name"]),
+    (["--arm", 'x="--lam 0'], [], ["--arm"]),  # an unclosed quote
+    (["--arm", "x=--lam 1", "--arm", "x=--lam 2"], [], ["defined twice"]),
+    (["--grid", "beta=3"], ["--loss", "trades"], ["arm beta3", "TRADES's beta is --lam"]),  # a flag trades ignores
+    (["--arm", "t=--loss ce --temperature 0.2"], [], ["arm t", "--temperature"]),
+    (["--grid", "lam=0,1"], ["--lam", "2"], ["arm lam0", "--lam", "one place"]),
+    (["--losses", "ce"], ["--loss", "anchor"], ["arm ce", "--loss", "one place"]),
+    (["--only", "nope"], [], ["--only", "nope"]), (["--reference", "nope", "--losses", "ce"], [], ["--reference"]),
 ])
 def test_bad_arguments_one_line_before_anything_runs(tmp_path, capsys, flags, train_flags, words):
     make_cifar(tmp_path)
@@ -95,10 +108,10 @@ def test_other_recipe_in_the_same_folder_is_refused(tmp_path, capsys):
     assert_user_error(r, "train_flags", "another --out")
 
 
-def fake_row(loss, seed, clean, pgd, aa=None, status="ok"):
+def fake_row(loss, seed, clean, pgd, aa=None, status="ok", val_pgd=0.3):
     acc = {"clean": clean, "pgd20": pgd, **({"autoattack": aa} if aa is not None else {})}
     return {"loss": loss, "seed": seed, "status": status, "accuracy": acc, "best_epoch": 3, "val_clean": 0.5,
-            "val_pgd": 0.3, "train_s": 600.0}
+            "val_pgd": val_pgd, "n_val": 1000, "train_s": 600.0}
 
 
 def test_aggregation_arithmetic(tmp_path):
@@ -106,22 +119,83 @@ def test_aggregation_arithmetic(tmp_path):
     anchor = [(0.53, 0.30), (0.54, 0.33), (0.58, 0.35)]  # clean differences 0.03, 0.02, 0.04
     all_rows = [fake_row("ce", s, *v) for s, v in enumerate(ce)] + [fake_row("anchor", s, *v) for s, v in enumerate(anchor)]
     all_rows.append({"loss": "trades", "seed": 0, "status": "failed", "stage": "eval", "error": "boom"})
-    mean, half, n = study.paired(all_rows[:6], "anchor", "clean")
+    runs = summary.latest(all_rows[:6])
+    mean, half, n = summary.paired(runs, "anchor", "ce", "clean")
     # the differences have mean 0.03 and standard deviation 0.01; t(2 df, 97.5%) = 4.303
     assert n == 3 and math.isclose(mean, 0.03) and math.isclose(half, 4.303 * 0.01 / math.sqrt(3))
-    mean, half, n = study.paired(all_rows[:6], "anchor", "pgd20")  # differences 0, 0.02, 0: within the noise
+    mean, half, n = summary.paired(runs, "anchor", "ce", "pgd20")  # differences 0, 0.02, 0: within the noise
     assert math.isclose(mean, 0.02 / 3) and half > abs(mean)
-    assert study.paired(all_rows[:6], "anchor", "autoattack")[2] == 0  # not measured: no pairs
+    assert summary.paired(runs, "anchor", "ce", "autoattack")[2] == 0  # not measured: no pairs
 
     (tmp_path / "study.json").write_text(json.dumps({"train_flags": ["--epochs", "3"], "n": 2000,
                                                      "attacks": ["clean", "pgd20"], "aa_n": 500}))
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_rows) + '{"cut short')
-    study.summarize(str(tmp_path))
+    summary.summarize(str(tmp_path), study.read_rows(str(tmp_path / "rows.jsonl")))
     md = (tmp_path / "summary.md").read_text()
     assert "| ce | 3 | 52.0 ± 2.0 | 32.0 ± 2.6 | – |" in md  # sd of 30, 31, 35 is 2.65
     assert "| anchor − ce | +3.0 [+0.5, +5.5] * | +0.7 [" in md  # 3.0 ± 4.303 * 1.0 / sqrt(3) = 3.0 ± 2.5
     assert md.index("| ce |") < md.index("| anchor |")  # the baseline first
     assert "| trades | 0 | failed | failed in eval: boom |" in md
-    assert (tmp_path / "summary.svg").read_text().count("<circle") == 12  # 6 runs x 2 measured metrics
+    assert (tmp_path / "summary.svg").read_text().count("<circle") == 18  # 6 runs x (val PGD, clean, PGD-20)
     study.append_row(str(tmp_path / "rows.jsonl"), fake_row("supcon", 0, 0.5, 0.3))  # after the line cut short
     assert [r["loss"] for r in study.read_rows(str(tmp_path / "rows.jsonl"))][-2:] == ["trades", "supcon"]
+
+
+def test_validation_ranking_and_its_noise(tmp_path):
+    """Val-only rows rank by mean val PGD; a test-evaluated row of the same run replaces its val-only row."""
+    rows = [{**fake_row("ce", s, None, None, val_pgd=v), "arm": "ce", "accuracy": {}, "val_only": True}
+            for s, v in enumerate([0.30, 0.32])]
+    rows += [{**fake_row("anchor", s, None, None, val_pgd=v), "arm": "lam3", "accuracy": {}, "val_only": True}
+             for s, v in enumerate([0.33, 0.36])]
+    rows.append({**fake_row("ce", 0, 0.5, 0.25), "arm": "ce", "val_only": False})  # seed 0 later on the test set
+    (tmp_path / "study.json").write_text(json.dumps({"train_flags": [], "n": 20, "attacks": ["clean"], "aa_n": 0,
+                                                     "arms": {"ce": ["--loss", "ce"], "lam3": ["--lam", "3"]}}))
+    runs = summary.latest(rows)
+    assert not runs[("ce", 0)]["val_only"] and runs[("ce", 1)]["val_only"]
+    mean, half, n = summary.paired(runs, "lam3", "ce", "val_pgd")  # differences 0.03 and 0.04
+    assert n == 2 and math.isclose(mean, 0.035) and math.isclose(half, 12.706 * math.sqrt(0.00005) / math.sqrt(2))
+    summary.summarize(str(tmp_path), rows)
+    md = (tmp_path / "summary.md").read_text()
+    ranking = md[md.index("## Validation ranking"):]
+    assert ranking.index("| 1 | lam3 |") < ranking.index("| 2 | ce |") and "`--lam 3`" in ranking
+    assert "+3.5 [" in ranking and "(reference)" in ranking
+    p = (0.30 + 0.32 + 0.33 + 0.36) / 4  # the binomial standard error of one run's val PGD on 1000 images
+    assert f"standard error of {100 * math.sqrt(p * (1 - p) / 1000):.1f} points" in ranking
+    assert "## Test set" in md and "| ce | 1 | 50.0 |" in md  # only the evaluated run
+
+
+def test_sweep_on_validation_then_test_evaluation_reuses_the_checkpoints(tmp_path, capsys):
+    """A 2-arm grid over one flag, validation only; then the same study evaluates one arm on the test set,
+    training nothing again; a changed arm is refused."""
+    make_cifar(tmp_path)
+    out = tmp_path / "sweep"
+    shared = ["--", "--data", tmp_path, "--epochs", "2", *TINY]
+    r = run_here(study, "--grid", "lam=0,2", "--val-only", "--seeds", "0", "--out", out, "--n", "20", "--aa-n", "0",
+                 *shared, capsys=capsys)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 runs, 0 finished before, 2 to run (validation only)" in r.stdout and "eval.py" not in r.stdout
+    first = rows(out)
+    assert [(x["arm"], x["arm_flags"], x["val_only"], x["accuracy"]) for x in first] == [
+        ("lam0", ["--lam", "0"], True, {}), ("lam2", ["--lam", "2"], True, {})]
+    assert first[0]["train_config"]["lam"] == 0 and first[1]["train_config"]["lam"] == 2
+    assert all(x["history"][-1]["val_pgd"] <= x["history"][-1]["val_clean"] for x in first)  # robust needs clean
+    assert first[0]["history"][0]["second"] > 0  # lam 0: the contrastive term is still measured
+    assert json.loads((out / "study.json").read_text())["arms"] == {"lam0": ["--lam", "0"], "lam2": ["--lam", "2"]}
+    assert "## Validation ranking" in (out / "summary.md").read_text()
+    best = out / "runs" / "lam2_s0.best.pt"
+    before = (best.stat().st_mtime_ns, open(best, "rb").read())
+
+    r = run_here(study, "--only", "lam2", "--seeds", "0", "--out", out, "--n", "20", "--aa-n", "0", *shared, capsys=capsys)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 runs, 0 finished before, 1 to run" in r.stdout and "train.py" not in r.stdout  # nothing trained
+    assert (best.stat().st_mtime_ns, open(best, "rb").read()) == before
+    last = rows(out)[-1]
+    assert (last["arm"], last["val_only"], last["val_pgd"]) == ("lam2", False, first[1]["val_pgd"])
+    assert set(last["accuracy"]) == {"clean", "pgd20"} and last["n"]["clean"] == 20
+    md = (out / "summary.md").read_text()
+    assert "## Test set" in md and "| lam2 | 1 |" in md
+
+    r = run_here(study, "--arm", "lam2=--lam 3", "--seeds", "0", "--out", out, "--n", "20", "--aa-n", "0", *shared,
+                 capsys=capsys)
+    assert_user_error(r, "arm lam2", "--lam 2")
+    assert len(rows(out)) == 3
