@@ -95,6 +95,12 @@ def get_args(argv=None):
     return args
 
 
+def spread(n, k, device):
+    """min(n, k) indices spread evenly over range(n): a diagnostic on them sees every class of an input stored
+    sorted by class (the JPEG copy's test set is), where the first k would see one class."""
+    return torch.linspace(0, n - 1, min(n, k), device=device).round().long()
+
+
 def check_inputs(model, x, y, batch_size):
     """ValueError naming the bad argument and the fix; else the number of classes the model outputs (one forward
     pass, on the first batch)."""
@@ -178,7 +184,8 @@ def evaluate(model, x, y, classes, attacks, opts, features):
     if "cw_l2" in attacks:
         result["cw_l2"] = cw_l2_report(model, x, y, opts)
     if features is not None:
-        r = result["representation"] = representation_report(model, features, x[:250], y[:250], opts)  # 250: ample
+        some = spread(len(x), 250, x.device)  # 250 images: ample for mean cosines
+        r = result["representation"] = representation_report(model, features, x[some], y[some], opts)
         say(f"features: clean-vs-PGD cos {r['clean_adv_cos']:.4f} | intra-class cos {r['intra_class_cos']:.4f} | "
             f"inter-class cos {r['inter_class_cos']:.4f}")
     if after is not None:  # what Square broke in the cascade, APGD-CE and APGD-T had both left robust
@@ -269,7 +276,8 @@ def sanity_checks(model, x, y, acc, opts, square_only=0):
     """Warnings for the classic evaluation mistakes and signs of gradient masking. acc: {attack: accuracy};
     square_only: how many images the black-box Square broke that APGD-CE and APGD-T both left robust."""
     warn = []
-    xb, yb = x[:opts.batch_size], y[:opts.batch_size]
+    some = spread(len(x), opts.batch_size, x.device)  # images of every class, not the first batch
+    xb, yb = x[some], y[some]
     with torch.no_grad():
         out1, out2 = model(xb), model(xb)
     if not torch.equal(out1, out2):
@@ -283,9 +291,9 @@ def sanity_checks(model, x, y, acc, opts, square_only=0):
     if zero > 0.1:
         warn.append(f"{zero:.0%} of images have an exactly zero input gradient: gradient masking makes "
                     "gradient attacks fail; trust only gradient-free or adaptive attacks")
-    n0, at_zero = min(len(x), 100), opts._replace(eps=0.0, progress=False)  # a clamping bug shows on any 100 images
-    pgd_at_zero = run_attack(model, x[:n0], y[:n0], "pgd20", at_zero).float().mean().item()
-    clean_n0 = run_attack(model, x[:n0], y[:n0], "clean", at_zero).float().mean().item()
+    some, at_zero = spread(len(x), 100, x.device), opts._replace(eps=0.0, progress=False)  # 100 show a clamping bug
+    pgd_at_zero = run_attack(model, x[some], y[some], "pgd20", at_zero).float().mean().item()
+    clean_n0 = run_attack(model, x[some], y[some], "clean", at_zero).float().mean().item()
     if pgd_at_zero != clean_n0:
         warn.append(f"PGD at eps 0 gives {pgd_at_zero:.4f}, clean gives {clean_n0:.4f}: the attack changes images "
                     "it must not (check clamping and the [0, 1] convention)")
@@ -342,8 +350,8 @@ def load(args):
     """(checkpoint, model in eval mode on args.device, test images float [n, 3, 32, 32] in [0, 1], labels [n])."""
     ckpt = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt, args.ckpt).to(args.device).eval()
-    # NHWC convolutions: on 2 CPU cores 10-15% faster forward and 20-30% faster forward+backward than NCHW (measured)
-    model = model.to(memory_format=torch.channels_last)
+    if args.device == "cuda":  # train.py's rule: NHWC on CUDA; NCHW on the CPU (oneDNN's AVX2 NHWC kernels crash)
+        model = model.to(memory_format=torch.channels_last)
     dataset = ckpt["config"].get("train", {}).get("dataset", "cifar10")  # older checkpoints are CIFAR-10's
     _, _, x_test, y_test = load_dataset(dataset, args.data, download=True)
     # A fixed subset spread over the whole test set: the same images every run, and no single class even

@@ -1,0 +1,43 @@
+"""eval.py's diagnostics on an input stored sorted by class (as the JPEG copy's test set is): the representation
+report and the sanity checks look at every class, not at the first images."""
+import math
+
+import torch
+
+import eval as eval_cli
+
+
+class NoisyOnOneClass(torch.nn.Module):
+    """The fixture model, except that its outputs carry fresh noise on the images of one class (recognized by
+    their exact pixels): a flaw that a check of the first images of a class-sorted input never sees."""
+
+    def __init__(self, model, images):
+        super().__init__()
+        self.model, self.images = model, images.flatten(1)
+
+    def forward(self, x):
+        logits = self.model(x)
+        flaky = (x.flatten(1)[:, None, :] == self.images[None]).all(2).any(1)  # (N,) one of those images
+        return logits + flaky[:, None] * torch.randn_like(logits)
+
+    def features(self, x):
+        return self.model.features(x)
+
+
+def test_diagnostics_see_every_class_of_a_class_sorted_input(trained_model):
+    model, x, y = trained_model
+    order = y.argsort(stable=True)
+    x, y = x[order], y[order]  # sorted by class: the first 16 images hold two or three classes
+    last = int(y.max())
+    flaky = NoisyOnOneClass(model, x[y == last]).eval()
+    result = eval_cli.robustness(flaky, x, y, attacks="clean", batch_size=16, progress=False)
+    assert any("differ between two identical calls" in w for w in result["warnings"])  # class `last` was checked
+    assert y[eval_cli.spread(len(x), 16, x.device)][[0, -1]].tolist() == [0, last]  # from the first to the last
+
+    # 250 images of each class in class order: the first 250 (the report's sample size) are all one class
+    big = torch.cat([x[y == k][torch.arange(250) % int((y == k).sum())] for k in y.unique()])
+    big_y = torch.cat([y[y == k][:1].repeat(250) for k in y.unique()])
+    rep = eval_cli.robustness(model, big, big_y, attacks="clean", progress=False)["representation"]
+    assert math.isfinite(rep["inter_class_cos"]) and math.isfinite(rep["intra_class_cos"])
+    spread = eval_cli.spread(10000, 250, x.device)  # the CLI's default --n on a test set of 1000 per class
+    assert torch.bincount(spread // 1000).tolist() == [25] * 10 and len(set(spread.tolist())) == 250
