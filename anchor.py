@@ -1,8 +1,9 @@
 """The ANCHOR loss: supervised contrastive learning that up-weights hard positives.
 
 ANCHOR (Adversarially-trained Contrastive Hard-mining for Optimized Robustness, arXiv 2510.27599) trains a
-classifier on adversarial examples and, beside the cross-entropy, pulls each image, its augmentation and its
-adversarial version together with their class (and apart from other classes) in a projection space. This file
+classifier on adversarial examples and, beside the cross-entropy, pulls two views of each image, its augmented
+version and the adversarial example made from it, together with each other and with their class (and apart
+from other classes) in a projection space. This file
 holds the loss alone; it imports only torch, so it can be copied into another codebase as it is:
 
     feats = torch.stack([model_head(x_clean), model_head(x_adv)], dim=1)  # [B, 2, D]

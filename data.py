@@ -378,29 +378,36 @@ def _augment(x, generator, pad=4):
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
 
 
-def batches(x, y, batch_size, shuffle_seed=None, augment=False, drop_last=False):
+def batches(x, y, batch_size, shuffle_seed=None, augment=False, drop_last=False, second_view=False):
     """Yield (xb float32 [B,3,32,32] in [0, 1], yb int64 [B]) from uint8 x [N,3,32,32] and y [N], on x.device.
 
     shuffle_seed=None keeps the order; an int shuffles with a generator seeded by it, which also draws the
     crops and flips, so one seed (e.g. seed * 1000 + epoch) reproduces an epoch exactly, on resume too.
-    augment=True without a seed draws from torch's global generator.
+    augment=True without a seed draws from torch's global generator. second_view=True (with augment) yields
+    (xb, yb, xb2): xb2 another, independent augmentation of the same images, drawn from a generator of its own,
+    so that xb and the order are those of the same call without it.
     """
     if x.dtype != torch.uint8 or x.ndim != 4 or len(x) != len(y) or x.device != y.device:
         raise ValueError(f"expected uint8 x [N, C, H, W] and y [N] on one device, got {x.dtype} {list(x.shape)} "
                          f"on {x.device} and {list(y.shape)} on {y.device}")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} must be >= 1")
+    if second_view and not augment:
+        raise ValueError("second_view needs augment=True: without augmentation both views are the same image")
     n = len(x)
-    generator = None
-    order = None
+    generator = second = order = None
     if shuffle_seed is not None:
         generator = torch.Generator(device=x.device).manual_seed(shuffle_seed)
         order = torch.randperm(n, generator=generator, device=x.device)
+        second = torch.Generator(device=x.device).manual_seed(shuffle_seed + 2 ** 40)  # a stream of its own
     for start in range(0, n, batch_size):
         if drop_last and start + batch_size > n:
             break
         idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
         xb, yb = x[idx], y[idx]  # gather uint8: a quarter of the bytes of float
+        if second_view:
+            yield _augment(xb, generator).float().div_(255), yb, _augment(xb, second).float().div_(255)
+            continue
         if augment:
             xb = _augment(xb, generator)
         yield xb.float().div_(255), yb

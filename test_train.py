@@ -87,3 +87,28 @@ def test_layout_default_follows_the_device():
     """NCHW on the CPU (oneDNN's AVX2 channels-last kernels crash at small widths), NHWC on CUDA."""
     assert train.get_args(TINY).channels_last is False
     assert train.get_args([*TINY, "--channels-last"]).channels_last is True
+
+
+def test_second_view_attacks_another_augmentation_of_the_same_images():
+    """--adv-view second: the adversarial view is made from a second augmentation, drawn from a stream of its own,
+    so the first view and the data order are those of --adv-view same."""
+    import data
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(64) % 10
+    same = list(data.batches(x, y, 16, shuffle_seed=5, augment=True))
+    second = list(data.batches(x, y, 16, shuffle_seed=5, augment=True, second_view=True))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(same, second))
+    assert not torch.equal(second[0][0], second[0][2])  # another crop or flip of the same images
+
+    torch.manual_seed(0)
+    model = train.build_model({"width": 4})
+    args = train.get_args(["--adv-view", "second", *TINY])
+    xb, yb, xb2 = second[0]
+    seen = []
+    real_pgd = train.pgd
+    try:
+        train.pgd = lambda net, source, *a, **k: seen.append(source) or real_pgd(net, source, *a, **k)
+        train.train_step(model, model, train.make_optimizer(model, args, False), xb, yb, args, x_second=xb2)
+    finally:
+        train.pgd = real_pgd
+    assert torch.equal(seen[0], xb2)  # the attack starts from the second view

@@ -35,7 +35,8 @@ LOSSES = ("anchor", "supcon", "ce", "trades")
 # Flags that do not change what is trained: on --resume they may differ from the checkpoint's.
 RUNTIME_FLAGS = {"data", "device", "compile", "channels_last", "out", "resume", "sync_bn"}
 # Flags a loss does not read: typed with that loss, they are refused rather than silently ignored.
-IGNORED = {"ce": ("temperature", "beta", "lam"), "trades": ("temperature", "beta"), "supcon": ("beta",)}
+IGNORED = {"ce": ("temperature", "beta", "lam", "adv_view"), "trades": ("temperature", "beta", "adv_view"),
+           "supcon": ("beta",)}
 RESUME_KEYS = {"model", "optimizer", "finetune", "epoch", "step_in_epoch", "config", "device", "running", "rng", "metrics"}
 
 
@@ -59,6 +60,9 @@ def get_args(argv=None):
     p.add_argument("--lam", type=non_negative(float), default=None,
                    help="weight of the second loss term (default 1.0 for anchor/supcon, 6.0 for trades: TRADES's beta). "
                    "--loss anchor --lam 0 is the BatchNorm-matched control: the same joint pass over both views, CE only")
+    p.add_argument("--adv-view", type=str, default="same", choices=("same", "second"),
+                   help="what the adversarial view is made from (anchor, supcon): the augmented image itself, or a "
+                   "second, independent augmentation of it (as SupCon's two views)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, PGD starts, init)")
     p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for training (CUDA only); validation stays float32")
@@ -79,7 +83,7 @@ def get_args(argv=None):
     ignored = [f for f in IGNORED.get(args.loss, ()) if f in args.explicit]
     if ignored:
         hint = "; TRADES's beta is --lam (default 6)" if args.loss == "trades" and ignored[0] == "beta" else ""
-        p.error(f"argument --{ignored[0]}: --loss {args.loss} does not use it{hint}; drop the flag")
+        p.error(f"argument --{ignored[0].replace('_', '-')}: --loss {args.loss} does not use it{hint}; drop the flag")
     if args.lam is None:
         args.lam = 6.0 if args.loss == "trades" else 1.0
     if args.alpha is None:
@@ -161,14 +165,16 @@ def training_loss(net, x, x_adv, y, args, kind):
     return ce + args.lam * con, [ce, con], logits_adv, logits_clean
 
 
-def train_step(model, net, opt, x, y, args, finetune=False, train_net=None):
+def train_step(model, net, opt, x, y, args, finetune=False, train_net=None, x_second=None):
     """One step of adversarial training: PGD examples against the model in eval mode, then one update of
     `opt` in train mode. `net` is the model or its torch.compile'd wrapper; `train_net` (default `net`) what
     the update calls (DDP's wrapper under torchrun). Fine-tuning (frozen backbone) trains the classifier with
-    plain CE on PGD examples, whatever the first stage's loss."""
+    plain CE on PGD examples, whatever the first stage's loss. x_second (--adv-view second): a second
+    augmentation of the images, which the adversarial view is made from instead of x."""
     kind = "ce" if finetune else args.loss
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+        x_second = x_second.contiguous(memory_format=torch.channels_last) if x_second is not None else None
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp):
         model.eval()  # attack the model as it predicts (BatchNorm running statistics untouched)
         attack_loss, start = "ce", True  # uniform random start in the eps-ball
@@ -178,7 +184,9 @@ def train_step(model, net, opt, x, y, args, finetune=False, train_net=None):
             attack_loss, start = lambda logits, y: F.kl_div(F.log_softmax(logits, 1), clean_logp, reduction="none",
                                                             log_target=True).sum(1), 0.001
         # x comes from batches(), in [0, 1] by construction: skip pgd's range check and its host sync
-        x_adv = pgd(net, x, y, args.eps, args.alpha, args.steps, random_start=start, loss=attack_loss, check_range=False)
+        source = x if x_second is None or finetune else x_second
+        x_adv = pgd(net, source, y, args.eps, args.alpha, args.steps, random_start=start, loss=attack_loss,
+                    check_range=False)
         model.train(not finetune)  # fine-tuning keeps the frozen backbone's BatchNorm in eval mode
         loss, parts, logits_adv, logits_clean = training_loss(train_net or net, x, x_adv, y, args, kind)
     opt.zero_grad(set_to_none=True)
@@ -249,7 +257,7 @@ def read_run(args):
     ignored = [f for f in IGNORED.get(args.loss, ()) if f in args.explicit]
     if ignored:
         raise CLIError(f"--resume: {args.out} was trained with --loss {args.loss}, which does not use "
-                       f"--{ignored[0]}; drop the flag")
+                       f"--{ignored[0].replace('_', '-')}; drop the flag")
     if "device" not in args.explicit:  # the same device's generators give the same data order
         args.device = ckpt["device"]
     if "channels_last" not in args.explicit:  # the same layout rounds the same; checkpoints without it: NCHW
@@ -327,16 +335,19 @@ def train_epoch(run, args, epoch, stop):
     stage_start, stage_epochs = (args.epochs, args.finetune_epochs) if finetune else (0, args.epochs)
     total = args.epochs + args.finetune_epochs
     bar = Progress(f"epoch {epoch + 1}/{total}", run.steps_per_epoch, args.batch_size, run.step)
+    second_view = args.adv_view == "second" and not finetune
     stream = batches(run.x_tr, run.y_tr, args.batch_size, shuffle_seed=args.seed * 100003 + epoch, augment=True,
-                     drop_last=True)
+                     drop_last=True, second_view=second_view)
     share = args.batch_size // run.world  # every rank draws the same global batch and trains on its slice
-    for step, (xb, yb) in enumerate(stream):
+    for step, batch in enumerate(stream):
         if step < run.step:  # resuming mid-epoch: the same batches, already trained on
             continue
-        xb, yb = xb[run.rank * share:(run.rank + 1) * share], yb[run.rank * share:(run.rank + 1) * share]
+        mine = [b[run.rank * share:(run.rank + 1) * share] for b in batch]  # xb, yb and, with a second view, xb2
+        xb, yb, xb2 = (*mine, None)[:3]
         for group in run.opt.param_groups:
             group["lr"] = lr_at((epoch - stage_start) * run.steps_per_epoch + step, stage_epochs * run.steps_per_epoch, args.lr)
-        loss, parts, logits_adv, logits_clean = train_step(run.model, run.net, run.opt, xb, yb, args, finetune, run.train_net)
+        loss, parts, logits_adv, logits_clean = train_step(run.model, run.net, run.opt, xb, yb, args, finetune,
+                                                           run.train_net, xb2)
         with torch.no_grad():  # running sums stay on the device: no host sync per step
             clean = (logits_clean.argmax(1) == yb).sum() if logits_clean is not None else run.no_clean
             run.running += torch.stack([loss.detach() * len(yb), parts[0].detach() * len(yb),
