@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-RHO = 0.75  # APGD: halve the step when fewer than this fraction of steps since the last checkpoint raised the loss
+RHO = 0.75  # APGD: halve the step when at most this fraction of the steps since the last checkpoint raised the loss
 
 
 # ---------------------------------------------------------------- argument checks
@@ -241,37 +241,46 @@ def _apgd_checkpoints(steps):
 
 
 def _apgd_run(model, x, y, eps, steps, loss_fn, generator):
-    """One APGD run (Croce & Hein 2020, Alg. 1); returns the lowest-margin iterate per example and its margin."""
+    """One APGD run (Croce & Hein 2020, Alg. 1) as AutoAttack's autopgd_base.py runs it; returns the lowest-margin
+    iterate per example and its margin. `generator` is a CPU generator: the start is drawn there, as AutoAttack
+    draws it, so a seed gives the same start on every device."""
     view = (-1, 1, 1, 1)
     checkpoints = set(_apgd_checkpoints(steps))
-    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # (N, C, H, W)
-    x_adv = _project(x + eps * (2 * noise - 1), x, eps)
+    # uniform noise in [-1, 1] stretched so that its largest coordinate is +-1 (AutoAttack normalizes it), float32
+    noise = 2 * torch.rand(x.shape, generator=generator) - 1  # (N, C, H, W) on the CPU
+    noise = noise / (noise.abs().flatten(1).amax(1).view(view) + 1e-12)
+    x_adv = _project(x + eps * noise.to(x.device, x.dtype), x, eps)
     grad, loss, logits = _input_grad(model, x_adv, y, loss_fn)
     best, best_margin = x_adv, _margin(logits, y)  # the return value: most fooled point seen
     x_max, grad_max, loss_max = x_adv, grad, loss  # highest loss seen: where a halved step restarts
     step = torch.full((x.shape[0],), 2 * eps, device=x.device, dtype=x.dtype).view(view)  # (N, 1, 1, 1)
     x_prev, n_up, last_check = x_adv, torch.zeros_like(loss), 0
-    loss_max_at_check, halved_at_check = loss_max, torch.zeros_like(loss, dtype=torch.bool)
+    # a step raised the loss if its iterate's loss beats the last iterate's. Step 0 is compared with 0, not with
+    # the start's loss: AutoAttack reads an unfilled (zero) row of its loss history there
+    last_loss = torch.zeros_like(loss)  # (N,)
+    # halved "at the last check" from the start: condition 2 is off at the first checkpoint (reduced_last_check = 1)
+    loss_max_at_check, halved_at_check = loss_max, torch.ones_like(loss, dtype=torch.bool)
     for i in range(steps):
         a = 1.0 if i == 0 else 0.75  # weight of the new step against the last move (momentum 1 - a)
         z = _project(x_adv + step * grad.sign(), x, eps)
         x_prev, x_adv = x_adv, _project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, eps)
-        grad, new_loss, logits = _input_grad(model, x_adv, y, loss_fn)
-        n_up += new_loss > loss  # (N,) counts the successful steps for condition 1
-        loss, margin = new_loss, _margin(logits, y)
+        grad, loss, logits = _input_grad(model, x_adv, y, loss_fn)
+        n_up += loss > last_loss  # (N,) across a restart too: the new iterate against the abandoned one
+        last_loss, margin = loss, _margin(logits, y)
         better = margin < best_margin
         best, best_margin = torch.where(better.view(view), x_adv, best), torch.where(better, margin, best_margin)
         up = loss > loss_max
         x_max, grad_max = torch.where(up.view(view), x_adv, x_max), torch.where(up.view(view), grad, grad_max)
         loss_max = torch.where(up, loss, loss_max)
         if i + 1 in checkpoints:
-            # condition 1: too few steps raised the loss; condition 2: step and best loss both unchanged
-            halve = (n_up < RHO * (i + 1 - last_check)) | (~halved_at_check & (loss_max <= loss_max_at_check))
+            # condition 1: at most RHO of the steps since the last checkpoint raised the loss (AutoAttack's
+            # t <= k * 0.75); condition 2: the best loss did not rise since then and the step was not halved there
+            halve = (n_up <= RHO * (i + 1 - last_check)) | (~halved_at_check & (loss_max <= loss_max_at_check))
             h = halve.view(view)
             step = torch.where(h, step / 2, step)
-            # restart the halved examples from their best point, with no momentum from the abandoned path
-            x_adv, x_prev = torch.where(h, x_max, x_adv), torch.where(h, x_max, x_prev)
-            grad, loss = torch.where(h, grad_max, grad), torch.where(halve, loss_max, loss)
+            # the halved examples restart from their best point and its gradient; x_prev stays the iterate before
+            # the abandoned one, so the next step's momentum is x_max - x_prev (AutoAttack keeps x_adv_old)
+            x_adv, grad = torch.where(h, x_max, x_adv), torch.where(h, grad_max, grad)
             halved_at_check, loss_max_at_check, n_up, last_check = halve, loss_max, torch.zeros_like(n_up), i + 1
     return best, best_margin
 
@@ -282,16 +291,18 @@ def apgd(model, x, y, eps, steps=100, loss="ce", targeted=False, n_targets=9, se
     loss='ce' or 'dlr'. targeted=True runs once per target class t among the n_targets most likely wrong classes
     on the clean input, on the examples not yet fooled, maximizing the targeted DLR loss
     -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) (APGD-T), or -CE(t) with loss='ce'. Success is
-    misclassification (argmax != y) in every variant. The random starts come from a generator seeded by `seed`,
-    so a call is reproducible. Returns per example the iterate of lowest margin z_y - max_{i!=y} z_i over all
-    runs (x itself if the clean input already had the lowest).
+    misclassification (argmax != y) in every variant. The step-size rule, checkpoints and restarts follow
+    AutoAttack's autopgd_base.py. The random starts come from a CPU generator seeded by `seed`, as AutoAttack
+    draws them from torch's CPU generator: a call is reproducible, with the same starts on every device.
+    Returns per example the iterate of lowest margin z_y - max_{i!=y} z_i over all runs (x itself if the clean
+    input already had the lowest); AutoAttack returns the last misclassified iterate, or x: the same accuracy.
     """
     x = _check_inputs(x, y)
     eps = _check_number("eps", eps)
     _check_count("steps", steps)
     _check_count("n_targets", n_targets)
     _check_choice("loss", loss, ("ce", "dlr"))
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: see _apgd_run
     with torch.no_grad():
         logits = model(x).float()  # (N, K) clean logits: the starting margin and the target ranking
     needed = 4 if targeted and loss == "dlr" else 3 if loss == "dlr" else 2  # the DLR denominators read z_pi3, z_pi4
@@ -337,10 +348,14 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0, rescale=False):
     margin z_y - max_{i!=y} z_i; p shrinks by `_square_p`, on the 10,000-query schedule cut at `queries` as in
     AutoAttack (its resc_schedule=False), or stretched to `queries` with rescale=True as in the Square paper's
     code (what matters below 10,000 queries: at 5,000 on 32x32 images, the last squares are 3 pixels wide or
-    1). Only images not yet fooled (margin >= 0) are queried.
-    `queries` is the budget of model evaluations per image, the clean one and the stripes included, so at most
-    queries - 2 updates; with queries=1 it returns x. Returns x where the clean input is misclassified, else the
-    lowest-margin point of the search. Randomness from a generator seeded by `seed`: reproducible per seed.
+    1). As in AutoAttack, a square's corner is drawn in [0, H - s) x [0, W - s), so it never covers the last row
+    or column unless it spans the image, and an update that would leave the point unchanged is queried anyway.
+    Only the images classified correctly are attacked, and only those not yet fooled (margin > 0, AutoAttack's
+    test: a tie counts as fooled) are queried again.
+    `queries` is the number of updates after the clean evaluation and the stripes (AutoAttack's n_queries), so
+    an image never fooled costs queries + 2 model evaluations (5,002 at 5,000). Returns x where the clean input
+    is misclassified, else the lowest-margin point of the search. Randomness from a generator seeded by `seed`:
+    reproducible per seed.
     """
     x = _check_inputs(x, y)
     eps = _check_number("eps", eps)
@@ -358,32 +373,28 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0, rescale=False):
 
     rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)  # (H,), (W,)
     with torch.no_grad():  # scores only: no graph, no .grad anywhere
-        margin = _margin(model(x).float(), y)  # (N,) query 1: clean mistakes are never queried again
-        best = x.clone()  # (N, C, H, W)
-        todo = (margin >= 0).nonzero().squeeze(1)  # (M,)
-        if queries > 1 and todo.numel():
+        logits = model(x).float()  # (N, K) query 1
+        margin, best = _margin(logits, y), x.clone()  # (N,), (N, C, H, W)
+        todo = (logits.argmax(1) == y).nonzero().squeeze(1)  # (M,) clean mistakes are never queried again
+        if todo.numel():
             # query 2: the stripes, one sign per (image, channel, column), taken whatever their margin
             stripes = _project(x[todo] + eps * signs(len(todo), c, 1, w), x[todo], eps)  # (M, C, H, W)
             best[todo], margin[todo] = stripes, _margin(model(stripes).float(), y[todo])
-        for it in range(queries - 2):
-            todo = (margin >= 0).nonzero().squeeze(1)  # (M,) the images not fooled yet
+        for it in range(queries):
+            todo = (margin > 0).nonzero().squeeze(1)  # (M,) the images not fooled yet
             if todo.numel() == 0:
                 break
             m, x_m, best_m = len(todo), x[todo], best[todo]  # (M, C, H, W) each
             s = min(max(round(math.sqrt(_square_p(it, queries, p_init, rescale) * h * w)), 1), h, w)
-            top = torch.randint(0, h - s + 1, (m, 1), generator=generator, device=device)  # (M, 1) corner row
-            left = torch.randint(0, w - s + 1, (m, 1), generator=generator, device=device)  # (M, 1) corner column
+            # AutoAttack's corner is floor((H - s) * U[0, 1)), never H - s: the last row and column stay out of reach
+            top = torch.randint(0, max(h - s, 1), (m, 1), generator=generator, device=device)  # (M, 1) corner row
+            left = torch.randint(0, max(w - s, 1), (m, 1), generator=generator, device=device)  # (M, 1) corner col
             in_rows, in_cols = (rows >= top) & (rows < top + s), (cols >= left) & (cols < left + s)  # (M, H), (M, W)
             window = in_rows[:, None, :, None] & in_cols[:, None, None, :]  # (M, 1, H, W)
-            sign = signs(m, c, 1, 1)  # (M, C, 1, 1)
-            # adding +-2 eps to the perturbation and projecting sets the window to x +- eps: compute that directly,
-            # bit-identical to the stripes, so a no-op candidate is caught by exact equality
-            for _ in range(10):  # bounded: where clipping to [0, 1] makes both signs equal, every draw is a no-op
-                cand = torch.where(window, _project(x_m + eps * sign, x_m, eps), best_m)  # (M, C, H, W)
-                same = (cand == best_m).flatten(1).all(1)  # (M,) the window holds these signs already
-                if not same.any():
-                    break
-                sign = torch.where(same.view(view), signs(m, c, 1, 1), sign)  # redraw only those images' signs
+            # adding +-2 eps to the perturbation and projecting sets the window to x +- eps: computed directly,
+            # bit-identical to the stripes. Where the window holds these signs already the candidate is the
+            # current point; AutoAttack spends the query all the same, and so does this
+            cand = torch.where(window, _project(x_m + eps * signs(m, c, 1, 1), x_m, eps), best_m)  # (M, C, H, W)
             new_margin = _margin(model(cand).float(), y[todo])  # (M,)
             better = new_margin < margin[todo]  # (M,) keep a candidate only where it lowers the margin
             best[todo] = torch.where(better.view(view), cand, best_m)

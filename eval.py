@@ -40,7 +40,7 @@ ATTACKS = {
     "cw_inf": (lambda m, x, y, eps, alpha, seed: pgd(m, x, y, eps, alpha, 30, loss="cw"), 31),
     "apgd_ce": (lambda m, x, y, eps, alpha, seed: apgd(m, x, y, eps, 100, loss="ce", seed=seed), 103),
     "apgd_t": (lambda m, x, y, eps, alpha, seed: apgd(m, x, y, eps, 100, loss="dlr", targeted=True, seed=seed), 911),
-    "square": (lambda m, x, y, eps, alpha, seed: square(m, x, y, eps, 5000, seed=seed), 5001),
+    "square": (lambda m, x, y, eps, alpha, seed: square(m, x, y, eps, 5000, seed=seed), 5002),
 }
 AUTOATTACK = ["apgd_ce", "apgd_t", "square"]  # AutoAttack's "standard" version less FAB-T, in its order
 # (weaker, stronger) pairs where the second must not score higher: the same loss, a stronger optimizer.

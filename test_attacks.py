@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks import _apgd_checkpoints, _dlr, _dlr_targeted, _margin, _project, _square_p, apgd, cw_l2, fgsm, pgd, square
+from attacks import (_apgd_checkpoints, _apgd_run, _dlr, _dlr_targeted, _margin, _project, _square_p, apgd, cw_l2, fgsm,
+                     pgd, square)
 
 EPS = 8 / 255  # the trained model is not robust here: PGD fools nearly everything
 MID_EPS = 4 / 255  # partly robust here, so stronger and weaker attacks give different accuracies
@@ -275,6 +276,99 @@ def test_apgd_deterministic_and_seeded(trained_model):
     assert torch.equal(torch.get_rng_state(), rng_state)  # its own generator: the global one is untouched
 
 
+def test_apgd_start_as_autoattack():
+    """The random start is AutoAttack's: float32 noise from torch's CPU generator seeded by `seed`, 2 U - 1,
+    stretched so that its largest coordinate is at eps."""
+    calls = []
+    logits = lambda inputs: F.pad(inputs.flatten(1).sum(1, keepdim=True), (0, 2))  # (N, 3): class 0 wins
+    logged = lambda inputs: calls.append(inputs.detach().clone()) or logits(inputs)
+    x, y = torch.full((2, 3, 4, 4), 0.5), torch.zeros(2, dtype=torch.int64)
+    apgd(logged, x, y, 0.1, steps=1, seed=3)
+    t = 2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) - 1  # what AutoAttack draws
+    torch.testing.assert_close(calls[1], x + 0.1 * t / t.abs().flatten(1).amax(1).view(-1, 1, 1, 1), rtol=0, atol=1e-6)
+    assert torch.allclose((calls[1] - x).abs().flatten(1).amax(1), torch.tensor(0.1), atol=1e-6)  # the ball's edge
+
+
+class PixelModel(nn.Module):
+    """Logits (pixel, 0) of a one-pixel image (y = 0: the margin is the pixel, never negative); logs the pixel of
+    every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.visited = []
+
+    def forward(self, x):
+        p = x.flatten(1)[:, 0]  # (N,)
+        self.visited.append(p.item())
+        return torch.stack([p, torch.zeros_like(p)], 1)
+
+
+def apgd_path(values, signs, steps):
+    """The pixels _apgd_run visits (start first) on x = 0.25 with eps = 0.5, where [0, 0.75] is the feasible
+    interval and this seed's start is 0, when its j-th loss evaluation returns values[j] with a gradient of sign
+    signs[j] (both padded with their last entry). A step of 1 (2 eps) from 0 reaches 0.75, of 0.5 (halved) 0.5."""
+    calls = 0
+
+    def scripted(logits, y):
+        nonlocal calls
+        j, calls = min(calls, len(values) - 1), calls + 1
+        p = logits[:, 0]
+        return values[j] + signs[min(j, len(signs) - 1)] * (p - p.detach())  # value values[j], slope signs[j]
+
+    model = PixelModel()
+    x, y = torch.full((1, 1, 1, 1), 0.25), torch.zeros(1, dtype=torch.int64)
+    _apgd_run(model, x, y, 0.5, steps, scripted, torch.Generator().manual_seed(3))
+    assert len(model.visited) == steps + 1 and model.visited[0] == 0.0
+    return model.visited
+
+
+def test_apgd_condition2_off_at_first_checkpoint():
+    """25 steps: checkpoints after steps 5 and 9. The loss never beats the start's (10), yet at the first
+    checkpoint the step is not halved (AutoAttack's reduced_last_check starts at 1); at the second it is."""
+    path = apgd_path([10, 1, 2, 3, 4, 5, 6, 7, 8, 9], [-1] * 5 + [1] * 5, steps=25)
+    assert path[:6] == [0.0] * 6  # pushed against 0; five of the five steps raised the loss: no condition 1
+    assert path[6] == 0.5625  # 0 + 0.75 * (0.75 - 0): the full step 2 eps, from where it was
+    assert path[7:10] == [0.75] * 3  # four raising steps again, and still no new best: condition 2 halves
+    assert path[10] == 0.0  # back to the start (the best point) with its gradient, pointing to 0
+
+
+def test_apgd_condition1_halves_at_exactly_rho():
+    """20 steps: first checkpoint after step 4. Exactly 3 = 0.75 * 4 of the 4 steps raise the loss (step 0 is
+    compared with 0) and the best loss rose: AutoAttack's t <= k * 0.75 halves the step."""
+    path = apgd_path([0, 1, 2, 3, 2], [-1, -1, -1, 1, 1], steps=20)
+    assert path[:5] == [0.0] * 4 + [0.5625]  # the best point is the 4th iterate (loss 3), at 0
+    assert path[5] == 0.375  # from the best point with its gradient (+): 0 + 0.75 * 0.5, the halved step
+    # with one more raising step (4 > 3) the step is not halved: it goes on from 0.5625 and reaches 0.75
+    assert apgd_path([0, 1, 2, 3, 4], [-1, -1, -1, 1, 1], steps=20)[5] == 0.75
+
+
+def test_apgd_momentum_after_halving():
+    """After a halving the iterate restarts from the best point, but the previous iterate stays the one before the
+    abandoned iterate (AutoAttack's x_adv_old): the next step's momentum is best - previous, not 0."""
+    path = apgd_path([0, 5, 1, 0.5, 0.2], [1, -1, -1, -1, -1], steps=20)
+    assert path[:5] == [0.0, 0.75, 0.375, 0.0, 0.0]  # best at 0.75 (loss 5); 1 raising step in 4: halve
+    best, previous, z = 0.75, path[3], 0.25  # z: the halved step of 0.5 from the best point, down its gradient
+    assert path[5] == best + 0.75 * (z - best) + 0.25 * (best - previous) == 0.5625
+
+
+def test_apgd_counts_steps_across_a_restart():
+    """A step counts as raising the loss when its iterate's loss beats the last iterate visited: after a restart
+    from the best point, the abandoned one (AutoAttack's loss_steps), not the best loss."""
+    # start's loss 10 stays the best; checkpoint 4 halves (1 raising step); then 3 of the 3 steps to checkpoint 7
+    # raise the loss from 0.3 (the abandoned iterate) to 3: no condition 1, and condition 2 is off (halved at 4)
+    path = apgd_path([10, 1, 0.5, 0.4, 0.3, 1, 2, 3], [-1] * 7 + [1], steps=20)
+    assert path[:8] == [0.0] * 8
+    assert path[8] == 0.375  # the gradient at the 7th iterate (+), the step halved once: 0.75 * 0.5
+
+
+def test_apgd_first_step_compared_with_zero():
+    """At the first checkpoint AutoAttack compares step 0's loss with an unfilled (zero) row of its loss history,
+    not with the start's loss: with 10 steps (checkpoints after steps 2, 3, ...) a first loss of 1 counts as
+    raising the loss although the start's was 10, one of -1 does not."""
+    assert apgd_path([10, 1, 2], [-1, -1, 1], steps=10)[3] == 0.5625  # 2 of 2 raised: the full step
+    assert apgd_path([10, -1, 2], [-1, -1, 1], steps=10)[3] == 0.0  # 1 of 2: halved, back to the start
+
+
 # ---------------------------------------------------------------- Square Attack
 
 SQUARE_QUERIES = 100  # the budget of the logged run: at EPS it fools about half the images, the rest stay robust
@@ -317,27 +411,28 @@ def test_square_no_queries_on_fooled_images(square_log):
     histories = [log.history(i) for i in range(len(y))]
     assert all(len(h) == 1 for h in histories[:4])  # clean mistakes: the clean evaluation only
     assert torch.equal(x_adv[:4], x[:4])
-    for h in histories:  # a query that fools an image is its last one
-        assert all(margin >= 0 for _, margin in h[:-1])
+    for h in histories:  # a query that fools an image (margin <= 0, as AutoAttack tests it) is its last one
+        assert all(margin > 0 for _, margin in h[:-1])
     assert sum(len(h) > 1 and h[-1][1] < 0 for h in histories) >= 3  # some were fooled by the search itself
 
 
 def test_square_query_budget(trained_model, square_log):
+    """`queries` updates after the clean evaluation and the stripes, as AutoAttack's n_queries."""
     log, x, y, _ = square_log
     histories = [log.history(i) for i in range(len(y))]
-    assert max(len(h) for h in histories) <= SQUARE_QUERIES
-    robust = [h for h in histories if h[-1][1] >= 0]
-    assert len(robust) >= 3 and all(len(h) == SQUARE_QUERIES for h in robust)  # the whole budget, not one more
+    assert max(len(h) for h in histories) <= SQUARE_QUERIES + 2
+    robust = [h for h in histories if h[-1][1] > 0]
+    assert len(robust) >= 3 and all(len(h) == SQUARE_QUERIES + 2 for h in robust)  # the whole budget, not one more
     log = QueryLog(trained_model[0], x, y, EPS)
-    assert torch.equal(square(log, x, y, EPS, queries=1), x) and len(log.calls) == 1  # the clean evaluation only
-    square(log, x, y, EPS, queries=2)
-    assert len(log.calls) == 3 and len(log.calls[2][0]) == 20  # + the stripes, on the 20 correct images
+    square(log, x, y, EPS, queries=1)  # the clean evaluation, the stripes on the 20 correct images, one update
+    assert len(log.calls) == 3 and [len(c[0]) for c in log.calls[:2]] == [24, 20] and len(log.calls[2][0]) <= 20
     assert torch.equal(square(log, x, y, 0.0), x) and len(log.calls) == 3  # eps 0: nothing to search, no query
 
 
 def test_square_search(square_log):
-    """Replays the search from the log: every update changes, inside one square of the scheduled side, each
-    channel to one sign of x +- eps, is never a no-op, and is kept only where it lowers the margin."""
+    """Replays the search from the log: every update changes, inside one square of the scheduled side that never
+    reaches the last row or column (AutoAttack's corner range), each channel to one sign of x +- eps, and is kept
+    only where it lowers the margin."""
     log, x, y, x_adv = square_log
     first_rows = []
     for i in range(4, len(y)):
@@ -349,10 +444,11 @@ def test_square_search(square_log):
             side = max(round(math.sqrt(_square_p(it, SQUARE_QUERIES, 0.8) * 16 * 16)), 1)
             at_vertex = ((cand - x[i]).abs() - EPS).abs() < 1e-6
             assert bool((at_vertex | (cand == 0) | (cand == 1)).all())
-            changed = cand != best  # (C, H, W)
-            assert changed.any()  # no query is wasted on the current point
+            changed = cand != best  # (C, H, W): may be empty, a query spent on the current point as in AutoAttack
             rows, cols = changed.any(2).any(0).nonzero()[:, 0], changed.any(1).any(0).nonzero()[:, 0]
-            assert rows[-1] - rows[0] < side and cols[-1] - cols[0] < side
+            if len(rows):
+                assert rows[-1] - rows[0] < side and cols[-1] - cols[0] < side
+                assert side < 16 and rows[-1] < 15 and cols[-1] < 15  # the corner is drawn in [0, 16 - side)
             if it == 0:
                 first_rows.append(len(rows) == side)  # stripes are constant down columns: the square's full height
             for step, ch in zip(cand - best, changed):  # one sign per channel
@@ -361,6 +457,61 @@ def test_square_search(square_log):
                 best, best_margin = cand, margin
         assert torch.equal(x_adv[i], best)  # returns the lowest-margin point of the search
     assert all(first_rows) and len(first_rows) >= 5
+
+
+class NeverFooled(nn.Module):
+    """Logits (1 + sum of the pixels, 0, 0): margin > 0 for y = 0 whatever the input; logs the batch size of
+    every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_sizes = []
+
+    def forward(self, x):
+        self.batch_sizes.append(len(x))
+        return F.pad(1 + x.flatten(1).sum(1, keepdim=True), (0, 2))  # (N, 3)
+
+
+def test_square_calls_when_never_fooled():
+    """An image never fooled costs the clean evaluation, the stripes and `queries` updates: AutoAttack's count."""
+    x, y = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(3, dtype=torch.int64)
+    for queries in (1, 7):
+        model = NeverFooled()
+        square(model, x, y, EPS, queries=queries)
+        assert model.batch_sizes == [3] * (queries + 2)
+
+
+def test_square_tie_counts_as_fooled():
+    """AutoAttack attacks the images whose clean argmax is y and queries again only those of margin > 0: with
+    the logits tied (1, 1, 0), y = 0 is attacked and its stripes, a tie, end the search; y = 1 is a clean mistake."""
+    calls = []
+    tied = lambda inputs: calls.append(len(inputs)) or torch.tensor([1.0, 1.0, 0.0]).repeat(len(inputs), 1)
+    x = torch.full((2, 3, 4, 4), 0.5)
+    x_adv = square(tied, x, torch.tensor([0, 1]), EPS, queries=10)
+    assert calls == [2, 1]  # the clean evaluation, then the stripes of image 0 only
+    assert not torch.equal(x_adv[0], x[0]) and torch.equal(x_adv[1], x[1])
+
+
+def test_square_corner_range_and_unchanged_candidates():
+    """2x2 one-channel images: after update 10 the squares are 1 pixel, and AutoAttack draws the corner as
+    floor((2 - 1) U[0, 1)) = 0, so only pixel (0, 0) ever changes; a candidate whose sign that pixel already
+    has is the current point, queried all the same (AutoAttack does not redraw it)."""
+    x, y = torch.tensor([0.2, 0.5, 0.8]).view(3, 1, 1, 1).expand(3, 1, 2, 2).clone(), torch.zeros(3, dtype=torch.int64)
+    log = QueryLog(NeverFooled(), x, y, EPS)
+    square(log, x, y, EPS, queries=40)
+    unchanged = 0
+    for i in range(3):
+        h = log.history(i)
+        assert len(h) == 42  # clean, stripes, 40 updates
+        best, best_margin = h[1]
+        for it, (cand, margin) in enumerate(h[2:]):
+            changed = cand != best  # (1, 2, 2)
+            if it > 10:
+                assert not changed.flatten()[1:].any()  # pixel (0, 0) only
+                unchanged += not changed.any()
+            if margin < best_margin:
+                best, best_margin = cand, margin
+    assert unchanged > 0
 
 
 def test_square_p_schedule():
