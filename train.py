@@ -322,7 +322,9 @@ def checkpoint(run, args, epoch, step):
             "finetune": run.opt.finetune, "epoch": epoch, "step_in_epoch": step,
             "config": {"model": run.model.config, "train": run_config(args)}, "device": run.device.type,
             "channels_last": args.channels_last, "world_size": run.world, "running": run.running.cpu(),
-            "rng": ddp.gather(rng, run.world), "metrics": {"history": run.history, "best_val_robust": run.best}}
+            "rng": ddp.gather(rng, run.world), "metrics": {"history": run.history, "best_val_robust": run.best},
+            # every rank's BatchNorm statistics: they drift apart between epochs, and each rank's attack reads its own
+            "rank_buffers": ddp.gather(to_cpu(dict(run.model.named_buffers())), run.world) if run.world > 1 else []}
 
 
 def train_epoch(run, args, epoch, stop):
@@ -449,6 +451,11 @@ def main(args):
             ddp.agreed(lambda: rank == 0 and load_dataset(args.dataset, args.data, download=True), world, user_errors)
         run = ddp.agreed(lambda: set_up(args, ckpt, rank, world), world, user_errors)  # no collective inside
         run.train_net = ddp.wrap(run.net, run.device, world)  # a collective: once every rank's set-up succeeded
+        own = (ckpt or {}).get("rank_buffers", [])
+        if rank < len(own):  # after the wrap, which gives every rank rank 0's: this rank's own BatchNorm statistics
+            with torch.no_grad():
+                for name, b in run.model.named_buffers():
+                    b.copy_(own[rank][name])
         return train(run, args)
     except RuntimeError as e:
         if ddp.peer_failed(e, world):
