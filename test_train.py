@@ -112,3 +112,19 @@ def test_second_view_attacks_another_augmentation_of_the_same_images():
     finally:
         train.pgd = real_pgd
     assert torch.equal(seen[0], xb2)  # the attack starts from the second view
+
+
+def test_validation_runs_without_tf32(monkeypatch):
+    """On Ampere and later GPUs cuDNN uses TF32 by default; validation turns it off, and gives the flags back."""
+    seen = []
+    monkeypatch.setattr(train, "pgd", lambda model, x, *a, **k: seen.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or x)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        x, y = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8), torch.ones(6, dtype=torch.int64)
+        train.evaluate(WrongUntilPerturbed(), x, y, train.get_args(TINY), batch_size=4)
+        assert seen == [(False, False)] * 2  # two batches, both in float32
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
