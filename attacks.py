@@ -145,6 +145,10 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, loss="ce"
     alpha = _check_number("alpha", alpha, positive=True)
     _check_count("steps", steps)
     _check_count("restarts", restarts)
+    if not isinstance(random_start, bool):  # a float: the std of a Gaussian start (an int 1 is not True here)
+        if not isinstance(random_start, float):
+            raise ValueError(f"random_start must be True, False or a float std, got {random_start!r}")
+        random_start = _check_number("random_start", random_start, positive=True)
     if callable(loss):  # e.g. TRADES's KL to the clean prediction, in train.py
         loss_fn = loss
     else:
@@ -156,7 +160,7 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, loss="ce"
         if random_start is True:
             x_adv = _project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
         elif random_start:  # a Gaussian start of std random_start
-            x_adv = _project(x + float(random_start) * torch.randn_like(x), x, eps)
+            x_adv = _project(x + random_start * torch.randn_like(x), x, eps)
         for _ in range(steps):  # the training hot loop: no host syncs in here
             grad = _input_grad(model, x_adv, y, loss_fn)[0]  # (N, C, H, W)
             x_adv = _project(x_adv + alpha * grad.sign(), x, eps)

@@ -392,8 +392,8 @@ def batches(x, y, batch_size, shuffle_seed=None, augment=False, drop_last=False,
                          f"on {x.device} and {list(y.shape)} on {y.device}")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} must be >= 1")
-    if second_view and not augment:
-        raise ValueError("second_view needs augment=True: without augmentation both views are the same image")
+    if second_view and (not augment or shuffle_seed is None):
+        raise ValueError("second_view needs augment=True and a shuffle_seed (its generator is seeded from it)")
     n = len(x)
     generator = second = order = None
     if shuffle_seed is not None:

@@ -13,7 +13,8 @@ arm, the run `OUT/runs/ARM_sSEED` is trained by train.py (the shared flags after
 slice, never the test set) is evaluated by eval.py: --attacks on --n test images, and AutoAttack on the first
 --aa-n of those same images. --val-only skips the test set; a later run without it evaluates the same
 checkpoints, training nothing again. Runs of one seed start from the same weights and see the same data order
-whatever the arm, so arms are compared paired by seed. OUT holds:
+unless an arm changes the model or the data (--arch, --width, --limit, --batch-size), so arms are compared
+paired by seed. OUT holds:
 
     study.json    the recipe (shared flags, evaluation, each arm's flags); a rerun that contradicts it is refused
     rows.jsonl    one row per finished or failed run (status "ok" or "failed"), appended as each ends
@@ -42,6 +43,7 @@ from summary import summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STUDY_FLAGS = {"--seed", "--out", "--resume"}  # study.py sets these for every run
+SHARED_ONLY = {"data", "dataset", "device"}  # the data and device every arm is evaluated on: after -- only
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*$")  # an arm's name is part of its file names
 
 
@@ -81,7 +83,7 @@ def define_arms(p, args):
         if not eq or not key or not values:
             p.error(f"argument --grid: {text!r} is not FLAG=V,V, e.g. lam=0,0.3,3 (a train.py flag without --)")
         for v in values:
-            add(f"{key}{v}", [f"--{key}", v], "--grid")
+            add(f"{key}{v.replace('/', '_')}", [f"--{key}", v], "--grid")  # eps=8/255: arm eps8_255
     return arms
 
 
@@ -111,9 +113,7 @@ def get_args(argv=None):
     args = p.parse_args(own)
     if args.summarize:
         return args
-    args.arms = define_arms(p, args)
-    if not args.arms and args.only is None:
-        args.arms = {loss: ["--loss", loss] for loss in train.LOSSES}
+    args.arms = define_arms(p, args)  # none: the arms stored in OUT/study.json, or the four losses (main)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only is not None else None
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -134,16 +134,28 @@ def get_args(argv=None):
     return args
 
 
+def dests(flags):
+    """The train.py settings that `flags` name (--no-channels-last and --channels-last are one), unknown ones as
+    typed (train.py refuses them with its own message)."""
+    known = {o: a.dest for a in train.parser()._actions for o in a.option_strings}
+    return {known.get(f, f) for f in flag_names(flags)}
+
+
 def check_arm(name, flags, shared):
     """CLIError unless the arm's flags, with the shared ones, are a train.py command line that train.py accepts,
-    and no flag is set both by the arm and after -- (one would silently win)."""
-    both = sorted(set(flag_names(flags)) & set(flag_names(shared)))
-    if both:
-        raise CLIError(f"arm {name}: {both[0]} is set by the arm and in the shared train.py flags after --; set it "
-                       "in one place")
+    no setting is made both by the arm and after -- (one would silently win), and the arm leaves the data and
+    device to the shared flags."""
     taken = [f for f in flag_names(flags) if f in STUDY_FLAGS]
     if taken:
         raise CLIError(f"arm {name}: study.py sets {taken[0]} itself; drop it")
+    both = sorted(dests(flags) & dests(shared))
+    if both:
+        raise CLIError(f"arm {name}: --{both[0].replace('_', '-')} is set by the arm and in the shared train.py "
+                       "flags after --; set it in one place")
+    own = sorted(dests(flags) & SHARED_ONLY)
+    if own:
+        raise CLIError(f"arm {name}: --{own[0]} belongs in the shared flags after --: every arm is evaluated on "
+                       "the same data and device")
     try:
         return train.get_args(shared + flags + ["--seed", "0", "--out", "x.pt"])
     except CLIError as e:
@@ -170,8 +182,10 @@ def cpu_name():
 
 
 def recipe(args):
-    """What makes two invocations the same study (arms and seeds may grow; an arm keeps its flags)."""
-    return {"train_flags": args.train_flags, "n": args.n, "attacks": args.attacks, "aa_n": args.aa_n}
+    """What makes two invocations the same study (arms and seeds may grow; an arm keeps its flags). The test
+    evaluation's settings count from the first invocation that evaluates: a validation-only sweep fixes none."""
+    evaluation = {} if args.val_only else {"n": args.n, "attacks": args.attacks, "aa_n": args.aa_n}
+    return {"train_flags": args.train_flags, **evaluation}
 
 
 def code_version():
@@ -243,12 +257,16 @@ class Child:
         return code, last
 
 
-def finished(ckpt, args):
-    """Whether the checkpoint at `ckpt` holds the run's last epoch (nothing left to train). Anything else, an
-    unreadable file too, goes to train.py, which continues it or says what is wrong (a failed row)."""
+def finished(ckpt, args, seed):
+    """Whether the checkpoint at `ckpt` holds this run's last epoch, trained with these flags, and its log and
+    best checkpoint are there (nothing left to train). Anything else, an unreadable file too, goes to train.py,
+    which continues it or says what is wrong (a failed row)."""
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        return state["step_in_epoch"] == 0 and state["epoch"] == args.epochs + args.finetune_epochs
+        recipe = {**train.run_config(args), "seed": seed}
+        return (state["step_in_epoch"] == 0 and state["epoch"] == args.epochs + args.finetune_epochs
+                and all(state["config"]["train"].get(k) == v for k, v in recipe.items())
+                and all(os.path.isfile(p) for p in train.paths(ckpt).values() if not p.endswith(".svg")))
     except Exception:  # missing, a folder, truncated, not ours: train.py's message is the better one
         return False
 
@@ -267,12 +285,14 @@ def run_one(args, arm, seed, runs, data):
     cmd = [sys.executable, os.path.join(HERE, "train.py"), *args.train_flags, *flags, "--seed", str(seed),
            "--out", ckpt] + (["--resume"] if os.path.exists(ckpt) else [])
     failed = {"arm": arm, "loss": parsed.loss, "seed": seed, "status": "failed", "command": cmd}
-    if not finished(ckpt, parsed):
+    if not finished(ckpt, parsed, seed):
         code, last = Child.run(cmd, log)
         if Child.stopped:
             return None
         if code != 0:
             return {**failed, "stage": "train", "exit": code, "error": last}
+    if not all(os.path.isfile(files[k]) for k in ("log", "best")):  # train.py said it finished, yet
+        return {**failed, "stage": "train", "exit": 0, "error": f"{files['log']} or {files['best']} is missing"}
     history = [json.loads(line) for line in open(files["log"])]
     best_ckpt = torch.load(files["best"], map_location="cpu", weights_only=True)
     best = history[best_ckpt["epoch"] - 1]
@@ -340,8 +360,11 @@ def run_grid(args, grid, todo, rows_file, data):
 
 
 def settle_arms(args, saved):
-    """The arms this invocation runs, checked against the study's stored ones; -> every known arm's flags."""
+    """The arms this invocation runs, checked against the study's stored ones; -> every known arm's flags. No arm
+    named: the stored ones (a rerun of the same study), or in a new study the four losses."""
     known = dict(saved.get("arms", {}))
+    if not args.arms and args.only is None:
+        args.arms = dict(known) or {loss: ["--loss", loss] for loss in train.LOSSES}
     for name, flags in args.arms.items():
         if name in known and known[name] != flags:
             raise CLIError(f"arm {name} is stored in {args.out}/study.json with flags {' '.join(known[name])!r}, not "
@@ -369,15 +392,17 @@ def main(args):
         return 0
     saved = json.load(open(study_file)) if os.path.exists(study_file) else {}
     if saved:
-        diff = sorted(k for k, v in recipe(args).items() if saved.get(k) != v)
+        diff = sorted(k for k, v in recipe(args).items() if k in saved and saved[k] != v)
         if diff:
             raise CLIError(f"{args.out} holds a study with other {', '.join(diff)} ({saved.get(diff[0])}); rerun with "
                            "the same flags to continue it, or choose another --out")
     known = settle_arms(args, saved)  # every arm's flags judged by train.py, before any run
-    train.training_data(args.train, download=False)  # --data, --limit, --val and --batch-size fit, before any run
+    fits = {(a.limit, a.val, a.batch_size): a for a in args.parsed.values()}
+    for parsed in fits.values():  # --data, --limit, --val and --batch-size fit every arm, before any run
+        train.training_data(parsed, download=False)
     data = data_copy(args.train.data, args.train.dataset)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
-    save_atomic_text(json.dumps({**recipe(args), "arms": known}, indent=2) + "\n", study_file)
+    save_atomic_text(json.dumps({**saved, **recipe(args), "arms": known}, indent=2) + "\n", study_file)
     rows = read_rows(rows_file)
     done = {(r.get("arm", r["loss"]), r["seed"]) for r in rows if r["status"] == "ok" and (args.val_only or not r.get("val_only"))}
     grid = [(arm, seed) for seed in args.seeds for arm in args.arms]  # seed by seed: early pairs to compare

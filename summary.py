@@ -29,11 +29,11 @@ def value(row, metric):
 
 
 def latest(rows):
-    """{(arm, seed): row}: the finished run of each, a test-evaluated row winning over a validation-only one."""
+    """{(arm, seed): row}: the last finished row of each, a test-evaluated row winning over a validation-only one."""
     best = {}
     for r in rows:
         key = (arm_of(r), r["seed"])
-        if r["status"] == "ok" and (key not in best or not r.get("val_only")):
+        if r["status"] == "ok" and (key not in best or not r.get("val_only") or best[key].get("val_only")):
             best[key] = r
     return best
 
@@ -68,6 +68,8 @@ def diff_cell(mean, half, n):
         return "–"
     if not math.isfinite(half):
         return f"{100 * mean:+.1f} (1 seed)"
+    if half == 0:  # every seed gave the same difference: no spread to build an interval from
+        return f"{100 * mean:+.1f} (no spread over {n} seeds)"
     return f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]" + (" *" if abs(mean) > half else "")
 
 
@@ -97,22 +99,24 @@ def ranking(runs, arms, reference, flags):
     """The validation ranking: every arm by mean val PGD, its paired difference to the reference, the noise."""
     stats = {}
     for arm in arms:
-        mine = [r for (a, _), r in runs.items() if a == arm]
+        mine = [r for (a, _), r in runs.items() if a == arm and r.get("val_pgd") is not None]  # None: --val 0
         if mine:
             stats[arm] = (mean_sd([r["val_pgd"] for r in mine]), mean_sd([r["val_clean"] for r in mine]), mine)
     if not stats:
         return ["(no finished run yet)"]
     order = sorted(stats, key=lambda a: -stats[a][0][0])
-    lines = ["| rank | arm | flags | seeds | val PGD | val clean | val PGD − " + reference + " | second term, first → last epoch |",
-             "|---" * 8 + "|"]
+    lines = ["| rank | arm | flags | seeds | epochs | val PGD | val clean | val PGD − " + reference + " | last epoch's "
+             "val PGD | second term, first → last epoch |", "|---" * 10 + "|"]
     for i, arm in enumerate(order, 1):
         (pgd, pgd_sd), (clean, clean_sd), mine = stats[arm]
         first_last = [mean_sd([epochs_of(r)[k]["second"] for r in mine if epochs_of(r)])[0] for k in (0, -1)]
         trend = f"{first_last[0]:.3f} → {first_last[1]:.3f}" if all(map(math.isfinite, first_last)) else "–"
         diff = "(reference)" if arm == reference else diff_cell(*paired(runs, arm, reference, "val_pgd"))
         arm_flags = flags.get(arm) or mine[0].get("arm_flags") or ["--loss", mine[0]["loss"]]  # older rows: the loss
-        lines.append(f"| {i} | {arm} | `{' '.join(arm_flags)}` | {len(mine)} | "
-                     f"{pct(pgd, pgd_sd)} | {pct(clean, clean_sd)} | {diff} | {trend} |")
+        last = pct(*mean_sd([r["history"][-1]["val_pgd"] for r in mine if r.get("history")]))
+        epochs = "/".join(sorted({str(len(r.get("history", []))) for r in mine}))
+        lines.append(f"| {i} | {arm} | `{' '.join(arm_flags)}` | {len(mine)} | {epochs} | "
+                     f"{pct(pgd, pgd_sd)} | {pct(clean, clean_sd)} | {diff} | {last} | {trend} |")
     every = [r for _, _, mine in stats.values() for r in mine]
     p = statistics.mean(r["val_pgd"] for r in every)
     n_val = every[0].get("n_val") or every[0].get("train_config", {}).get("val")  # older rows: from the flags
@@ -122,7 +126,8 @@ def ranking(runs, arms, reference, flags):
     noise += (f"; the seed-to-seed standard deviation within an arm averages {100 * statistics.mean(spread):.1f} "
               "points." if spread else "; one seed per arm gives no seed spread yet.")
     lines += ["", noise + " The same validation images serve every arm, so paired differences cancel part of the "
-              "image noise, not the training noise."]
+              "image noise, not the training noise. val PGD is that of the kept (best) epoch, a maximum over noisy "
+              "epochs: an arm with more epochs to choose from gains by chance; the last epoch's is free of that."]
     return lines
 
 
@@ -157,10 +162,11 @@ def summary_markdown(rows, arms, study, reference):
     runs = latest(rows)
     flags = study.get("arms", {})
     tested = [a for a in arms if any(a == k[0] and not r.get("val_only") for k, r in runs.items())]
+    evaluation = (f"{','.join(study['attacks'])} on {study['n']} test images, AutoAttack on {study['aa_n']}"
+                  if "attacks" in study else "none yet (validation only)")
     lines = ["# Study summary", "", f"Shared train.py flags: `{' '.join(study['train_flags'])}`; test evaluation: "
-             f"{','.join(study['attacks'])} on {study['n']} test images, AutoAttack on {study['aa_n']}. Accuracy in %, "
-             "mean ± standard deviation over seeds; differences in points, paired by seed, with a 95% t-interval "
-             "over the seed differences (`*` where it excludes 0).", ""]
+             f"{evaluation}. Accuracy in %, mean ± standard deviation over seeds; differences in points, paired by "
+             "seed, with a 95% t-interval over the seed differences (`*` where it excludes 0).", ""]
     if tested:
         test_runs = {k: r for k, r in runs.items() if not r.get("val_only")}
         lines += ["## Test set", ""] + arm_table(test_runs, tested, TEST_METRICS)

@@ -91,6 +91,9 @@ def test_grid_fails_stops_resumes_and_skips(tmp_path, capsys):
     (["--grid", "lam=0,1"], ["--lam", "2"], ["arm lam0", "--lam", "one place"]),
     (["--losses", "ce"], ["--loss", "anchor"], ["arm ce", "--loss", "one place"]),
     (["--only", "nope"], [], ["--only", "nope"]), (["--reference", "nope", "--losses", "ce"], [], ["--reference"]),
+    (["--arm", "nchw=--no-channels-last"], ["--channels-last"], ["arm nchw", "--channels-last", "one place"]),
+    (["--arm", "d=--dataset cifar100"], [], ["arm d", "--dataset", "shared"]),
+    (["--grid", "limit=40,100000"], [], ["--limit"]),  # an arm's data that do not fit, before any run
 ])
 def test_bad_arguments_one_line_before_anything_runs(tmp_path, capsys, flags, train_flags, words):
     make_cifar(tmp_path)
@@ -141,6 +144,11 @@ def test_aggregation_arithmetic(tmp_path):
     assert [r["loss"] for r in study.read_rows(str(tmp_path / "rows.jsonl"))][-2:] == ["trades", "supcon"]
 
 
+def test_grid_names_of_fractions():
+    args = study.get_args(["--grid", "eps=4/255,8/255", "--out", "x", "--", "--device", "cpu"])
+    assert args.arms == {"eps4_255": ["--eps", "4/255"], "eps8_255": ["--eps", "8/255"]}
+
+
 def test_validation_ranking_and_its_noise(tmp_path):
     """Val-only rows rank by mean val PGD; a test-evaluated row of the same run replaces its val-only row."""
     rows = [{**fake_row("ce", s, None, None, val_pgd=v), "arm": "ce", "accuracy": {}, "val_only": True}
@@ -170,8 +178,7 @@ def test_sweep_on_validation_then_test_evaluation_reuses_the_checkpoints(tmp_pat
     make_cifar(tmp_path)
     out = tmp_path / "sweep"
     shared = ["--", "--data", tmp_path, "--epochs", "2", *TINY]
-    r = run_here(study, "--grid", "lam=0,2", "--val-only", "--seeds", "0", "--out", out, "--n", "20", "--aa-n", "0",
-                 *shared, capsys=capsys)
+    r = run_here(study, "--grid", "lam=0,2", "--val-only", "--seeds", "0", "--out", out, *shared, capsys=capsys)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 runs, 0 finished before, 2 to run (validation only)" in r.stdout and "eval.py" not in r.stdout
     first = rows(out)
@@ -184,6 +191,8 @@ def test_sweep_on_validation_then_test_evaluation_reuses_the_checkpoints(tmp_pat
     assert "## Validation ranking" in (out / "summary.md").read_text()
     best = out / "runs" / "lam2_s0.best.pt"
     before = (best.stat().st_mtime_ns, open(best, "rb").read())
+    again = run_here(study, "--val-only", "--seeds", "0", "--out", out, *shared, capsys=capsys)  # no arm named
+    assert again.returncode == 0 and "2 runs, 2 finished before, 0 to run" in again.stdout, again.stdout + again.stderr
 
     r = run_here(study, "--only", "lam2", "--seeds", "0", "--out", out, "--n", "20", "--aa-n", "0", *shared, capsys=capsys)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -2,6 +2,7 @@
 validation count, TRADES's attack, the defaults that depend on the loss and the device."""
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -128,3 +129,44 @@ def test_validation_runs_without_tf32(monkeypatch):
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_pgd_start_argument_is_checked():
+    x, y = torch.rand(2, 3, 4, 4), torch.zeros(2, dtype=torch.int64)
+    flat = lambda inputs: 0 * inputs.flatten(1)[:, :2]
+    for bad in (1, float("nan"), -0.1, "yes"):
+        with pytest.raises(ValueError, match="random_start"):
+            pgd(flat, x, y, 8 / 255, 0.007, 1, random_start=bad)
+
+
+def test_validation_attack_is_one_ruler_for_every_training_attack(monkeypatch):
+    """Validation is PGD-10 at step eps/4 whatever --steps and --alpha the training attack takes (trades: 0.007)."""
+    seen = []
+    monkeypatch.setattr(train, "pgd", lambda model, x, y, eps, alpha, steps, **k: seen.append((eps, alpha, steps)) or x)
+    x, y = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.ones(4, dtype=torch.int64)
+    for flags in ([], ["--loss", "trades"], ["--steps", "3", "--alpha", "0.01"], ["--eps", "16/255"]):
+        train.evaluate(WrongUntilPerturbed(), x, y, train.get_args([*TINY, *flags]))
+    assert seen == [(8 / 255, 2 / 255, 10)] * 3 + [(16 / 255, 4 / 255, 10)]
+
+
+def test_finetune_stage_keeps_its_own_best_and_resume_refuses_younger_flags(tmp_path, capsys):
+    """--finetune-epochs K: the best checkpoint is one of the K fine-tuned epochs (else the stage could be dropped
+    by the choice). A checkpoint written before a flag existed refuses that flag on --resume."""
+    from test_cli import assert_user_error, run_here
+    from test_data import make_cifar
+    make_cifar(tmp_path)
+    out = tmp_path / "ft.pt"
+    assert train.main(train.get_args(["--data", str(tmp_path), "--epochs", "2", "--finetune-epochs", "1", *TINY,
+                                      "--out", str(out)])) == 0
+    best = torch.load(tmp_path / "ft.best.pt", weights_only=True)
+    assert best["epoch"] == 3 and best["finetune"]
+
+    ckpt = torch.load(out, weights_only=True)
+    del ckpt["config"]["train"]["adv_view"]  # as written before --adv-view existed
+    torch.save(ckpt, out)
+    r = run_here(train, "--resume", "--out", out, "--data", tmp_path, "--adv-view", "same", capsys=capsys)
+    assert_user_error(r, "--adv-view", "before")
+    ckpt["config"]["train"]["loss"] = "ce"  # a PGD-AT run: --beta is refused as unused, not as "was 1.0"
+    torch.save(ckpt, out)
+    assert_user_error(run_here(train, "--resume", "--out", out, "--data", tmp_path, "--beta", "2", capsys=capsys),
+                      "--loss ce", "does not use --beta")

@@ -34,22 +34,23 @@ from model import arch_key, build_model
 LOSSES = ("anchor", "supcon", "ce", "trades")
 # Flags that do not change what is trained: on --resume they may differ from the checkpoint's.
 RUNTIME_FLAGS = {"data", "device", "compile", "channels_last", "out", "resume", "sync_bn"}
+VAL_STEPS = 10  # the validation attack: PGD-10 at step eps/4 (evaluate)
 # Flags a loss does not read: typed with that loss, they are refused rather than silently ignored.
 IGNORED = {"ce": ("temperature", "beta", "lam", "adv_view"), "trades": ("temperature", "beta", "adv_view"),
            "supcon": ("beta",)}
 RESUME_KEYS = {"model", "optimizer", "finetune", "epoch", "step_in_epoch", "config", "device", "running", "rng", "metrics"}
 
 
-def get_args(argv=None):
+def parser():
     p = Parser(description="Adversarial training on CIFAR-10/100 with the ANCHOR loss.", allow_abbrev=False)
     p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (downloaded there when missing)")
     p.add_argument("--dataset", type=str, default="cifar10", choices=sorted(DATASETS), help="the data set")
     p.add_argument("--limit", type=positive(int), default=None, help="train on the first N training images only")
     p.add_argument("--val", type=non_negative(int), default=1000, help="last N training images held out for validation and best-checkpoint selection")
     p.add_argument("--epochs", type=positive(int), default=30, help="training epochs")
-    p.add_argument("--finetune-epochs", type=non_negative(int), default=0, help="then K epochs training the classifier alone with CE on PGD examples, backbone frozen")
+    p.add_argument("--finetune-epochs", type=non_negative(int), default=0, help="then K epochs training the classifier alone with CE on PGD examples, backbone frozen; the best checkpoint is then one of these K")
     p.add_argument("--batch-size", type=positive(int), default=512, help="images per step (over all processes under torchrun)")
-    p.add_argument("--lr", type=positive(float), default=0.2, help="peak SGD learning rate (one-cycle: linear warm-up over 15%% of steps, then cosine to 0)")
+    p.add_argument("--lr", type=positive(float), default=0.2, help="peak SGD learning rate (one-cycle: linear warm-up over 15%% of steps, then cosine toward 0)")
     p.add_argument("--wd", type=non_negative(float), default=5e-4, help="weight decay (SGD's L2 coefficient)")
     p.add_argument("--eps", type=eps_type, default=8 / 255, help="L-inf radius in [0, 1] pixel units (0.031 or 8/255)")
     p.add_argument("--alpha", type=positive(eps_type), default=None, help="PGD step size, pixel units (default 2/255; 0.007 for trades, as TRADES's code)")
@@ -75,6 +76,11 @@ def get_args(argv=None):
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the global batch (default: each process's own)")
     p.add_argument("--out", type=str, default="ckpt.pt", help="checkpoint path; the log, plot and best checkpoint go beside it")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    return p
+
+
+def get_args(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     # Which flags the user typed (not defaults): a flag the loss ignores is refused, and --resume refuses those
     # that contradict the checkpoint.
@@ -196,14 +202,16 @@ def train_step(model, net, opt, x, y, args, finetune=False, train_net=None, x_se
 
 
 def evaluate(model, x, y, args, batch_size=500):
-    """Correct counts [clean, PGD] (args.steps steps of --alpha, eval mode) on a uint8 set, as a device tensor.
-    An image counts as robust only if its clean version is right too, as eval.py (AutoAttack) counts, so robust
-    never exceeds clean. float32: TF32 is off here even where cuDNN would use it (Ampere and later)."""
+    """Correct counts [clean, PGD] on a uint8 set, as a device tensor: PGD-10 at --eps with step eps/4 (2/255 at
+    the default eps) from a uniform start, whatever the training attack's --steps and --alpha, so that runs with
+    other training attacks are ranked with one ruler; eval mode. An image counts as robust only if its clean
+    version is right too, as eval.py (AutoAttack) counts, so robust never exceeds clean. float32: TF32 is off
+    here even where cuDNN would use it (Ampere and later)."""
     model.eval()
     correct = torch.zeros(2, device=x.device)
     with fp32_exact():
         for xb, yb in batches(x, y, batch_size):
-            x_adv = pgd(model, xb, yb, args.eps, args.alpha, args.steps)
+            x_adv = pgd(model, xb, yb, args.eps, max(args.eps / 4, 1e-6), VAL_STEPS)
             with torch.no_grad():
                 right = model(xb).argmax(1) == yb
                 correct += torch.stack([right.sum(), (right & (model(x_adv).argmax(1) == yb)).sum()])
@@ -247,6 +255,14 @@ def read_run(args):
         raise CLIError(f"--resume: {args.out} lacks {sorted(missing) or ['config.train']}: it was not written "
                        "by this train.py; start a new --out")
     saved = {"dataset": "cifar10", "arch": "resnet18", **ckpt["config"]["train"]}  # older runs lack these two
+    ignored = [f for f in IGNORED.get(saved.get("loss"), ()) if f in args.explicit]
+    if ignored:
+        raise CLIError(f"--resume: {args.out} was trained with --loss {saved['loss']}, which does not use "
+                       f"--{ignored[0].replace('_', '-')}; drop the flag")
+    newer = sorted(k for k in args.explicit - RUNTIME_FLAGS if k not in saved)
+    if newer:  # a flag younger than the checkpoint: its run trained without it
+        raise CLIError(f"--resume: {args.out} was written before --{newer[0].replace('_', '-')} existed; drop the "
+                       "flag to continue it, or start a new --out")
     changed = [k for k in args.explicit if k in saved and saved[k] != getattr(args, k)]
     if changed:
         k = sorted(changed)[0]
@@ -254,10 +270,6 @@ def read_run(args):
                        f"{getattr(args, k)}; drop the flag to continue it, or start a new --out")
     for k, v in saved.items():  # the checkpoint's recipe wins: the resumed run equals an uninterrupted one
         setattr(args, k, v)
-    ignored = [f for f in IGNORED.get(args.loss, ()) if f in args.explicit]
-    if ignored:
-        raise CLIError(f"--resume: {args.out} was trained with --loss {args.loss}, which does not use "
-                       f"--{ignored[0].replace('_', '-')}; drop the flag")
     if "device" not in args.explicit:  # the same device's generators give the same data order
         args.device = ckpt["device"]
     if "channels_last" not in args.explicit:  # the same layout rounds the same; checkpoints without it: NCHW
@@ -378,6 +390,8 @@ def end_epoch(run, args, epoch, sums, seconds):
           f"{row['train_adv']:7.4f} {val_clean:9.4f} {val_robust:8.4f} {lr:7.4f} {row['s']:6.1f}", flush=True)
     run.running.zero_()
     run.step = 0
+    if run.opt.finetune and epoch == args.epochs:  # the fine-tuning stage is the method: its best is the best
+        run.best = -1.0
     is_best = run.n_val == 0 or val_robust > run.best
     run.best = val_robust if run.n_val and is_best else run.best
     state = checkpoint(run, args, epoch + 1, 0)
