@@ -35,6 +35,7 @@ import time
 
 import torch
 
+import resume
 import train
 from cli import CLIError, Parser, cli, non_negative, on_stop_signals, positive, save_atomic_text
 from data import DATASETS
@@ -263,10 +264,10 @@ def finished(ckpt, args, seed):
     which continues it or says what is wrong (a failed row)."""
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        recipe = {**train.run_config(args), "seed": seed}
+        recipe = {**resume.run_config(args), "seed": seed}
         return (state["step_in_epoch"] == 0 and state["epoch"] == args.epochs + args.finetune_epochs
                 and all(state["config"]["train"].get(k) == v for k, v in recipe.items())
-                and all(os.path.isfile(p) for p in train.paths(ckpt).values() if not p.endswith(".svg")))
+                and all(os.path.isfile(p) for p in resume.paths(ckpt).values() if not p.endswith(".svg")))
     except Exception:  # missing, a folder, truncated, not ours: train.py's message is the better one
         return False
 
@@ -276,7 +277,7 @@ def run_one(args, arm, seed, runs, data):
     checkpoint is not trained again, and an evaluation written after the best checkpoint is not repeated."""
     stem = os.path.join(runs, f"{arm}_s{seed}")
     ckpt, log = stem + ".pt", stem + ".console.log"
-    files = train.paths(ckpt)
+    files = resume.paths(ckpt)
     if not os.path.exists(ckpt):  # a first epoch cut short can leave a best checkpoint or log without the last one
         for p in files.values():
             if os.path.exists(p):

@@ -24,21 +24,19 @@ import torch
 import torch.nn.functional as F
 
 import ddp
+import resume
 from anchor import anchor_loss
 from attacks import pgd
-from cli import (CLIError, Parser, Progress, cli, eps_type, json_safe, load_checkpoint, non_negative, on_stop_signals,
-                 positive, resolve_device, save_atomic, save_atomic_text, svg_plot, to_cpu)
+from cli import (CLIError, Parser, Progress, cli, eps_type, json_safe, non_negative, on_stop_signals, positive,
+                 resolve_device, save_atomic, save_atomic_text, svg_plot)
 from data import DATASETS, DataError, batches, load_dataset, split_train_val
 from model import arch_key, build_model
 
 LOSSES = ("anchor", "supcon", "ce", "trades")
-# Flags that do not change what is trained: on --resume they may differ from the checkpoint's.
-RUNTIME_FLAGS = {"data", "device", "compile", "channels_last", "out", "resume", "sync_bn"}
 VAL_STEPS = 10  # the validation attack: PGD-10 at step eps/4 (evaluate)
 # Flags a loss does not read: typed with that loss, they are refused rather than silently ignored.
 IGNORED = {"ce": ("temperature", "beta", "lam", "adv_view"), "trades": ("temperature", "beta", "adv_view"),
            "supcon": ("beta",)}
-RESUME_KEYS = {"model", "optimizer", "finetune", "epoch", "step_in_epoch", "config", "device", "running", "rng", "metrics"}
 
 
 def parser():
@@ -229,57 +227,7 @@ def fp32_exact():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def paths(out):
-    stem = out[:-3] if out.endswith(".pt") else out
-    return {"best": stem + ".best.pt", "log": stem + ".jsonl", "svg": stem + ".svg"}
-
-
-def run_config(args):
-    """The flags that decide the result, as plain types for the checkpoint."""
-    return {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS | {"explicit"}}
-
-
 # ---------------------------------------------------------------- the run: set-up, epoch, end of epoch
-
-
-def read_run(args):
-    """The checkpoint to resume (its recipe copied into args), or None for a new run whose files are free."""
-    if not args.resume:
-        taken = [p for p in [args.out, *paths(args.out).values()] if os.path.exists(p)]
-        if taken:
-            raise CLIError(f"{taken[0]} exists; pass --resume to continue that run, or choose another --out")
-        return None
-    ckpt = load_checkpoint(args.out)
-    missing = RESUME_KEYS - set(ckpt)
-    if missing or not isinstance(ckpt["config"].get("train"), dict):
-        raise CLIError(f"--resume: {args.out} lacks {sorted(missing) or ['config.train']}: it was not written "
-                       "by this train.py; start a new --out")
-    saved = {"dataset": "cifar10", "arch": "resnet18", **ckpt["config"]["train"]}  # older runs lack these two
-    ignored = [f for f in IGNORED.get(saved.get("loss"), ()) if f in args.explicit]
-    if ignored:
-        raise CLIError(f"--resume: {args.out} was trained with --loss {saved['loss']}, which does not use "
-                       f"--{ignored[0].replace('_', '-')}; drop the flag")
-    newer = sorted(k for k in args.explicit - RUNTIME_FLAGS if k not in saved)
-    if newer:  # a flag younger than the checkpoint: its run trained without it
-        raise CLIError(f"--resume: {args.out} was written before --{newer[0].replace('_', '-')} existed; drop the "
-                       "flag to continue it, or start a new --out")
-    changed = [k for k in args.explicit if k in saved and saved[k] != getattr(args, k)]
-    if changed:
-        k = sorted(changed)[0]
-        raise CLIError(f"--resume: {args.out} was trained with --{k.replace('_', '-')} {saved[k]}, not "
-                       f"{getattr(args, k)}; drop the flag to continue it, or start a new --out")
-    for k, v in saved.items():  # the checkpoint's recipe wins: the resumed run equals an uninterrupted one
-        setattr(args, k, v)
-    if "device" not in args.explicit:  # the same device's generators give the same data order
-        args.device = ckpt["device"]
-    if "channels_last" not in args.explicit:  # the same layout rounds the same; checkpoints without it: NCHW
-        args.channels_last = ckpt.get("channels_last", False)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--resume: {args.out} was trained on cuda, which this machine lacks; pass --device cpu "
-                       "(the run continues, but not bit for bit)")
-    if args.amp and args.device != "cuda":
-        raise CLIError(f"--resume: {args.out} was trained with --amp, which needs --device cuda")
-    return ckpt
 
 
 def training_data(args, download):
@@ -301,42 +249,15 @@ def set_up(args, ckpt, rank, world):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     model, net = make_model(args, device)
     run = SimpleNamespace(
-        rank=rank, world=world, device=device, model=model, net=net, files=paths(args.out),
+        rank=rank, world=world, device=device, model=model, net=net, files=resume.paths(args.out),
         x_tr=x_tr.to(device), y_tr=y_tr.to(device), x_val=x_val.to(device), y_val=y_val.to(device), n_val=n_val,
         steps_per_epoch=len(x_tr) // args.batch_size, epoch=0, step=0, history=[], best=-1.0,
         running=torch.zeros(5, device=device),  # summed over the epoch: loss, ce, second term, adv and clean correct
         no_clean=torch.tensor(math.nan, device=device))  # --loss ce sees no clean logits: clean accuracy unmeasured
     run.opt = make_optimizer(model, args, finetune=False)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        run.epoch, run.step = ckpt["epoch"], ckpt["step_in_epoch"]
-        run.history, run.best = ckpt["metrics"]["history"], ckpt["metrics"]["best_val_robust"]
-        run.opt = make_optimizer(model, args, ckpt["finetune"])
-        run.opt.load_state_dict(ckpt["optimizer"])
-        if rank == 0:  # the saved sums are over all ranks: rank 0 carries them on
-            run.running.copy_(ckpt["running"])
-        states = [ckpt["rng"]] if isinstance(ckpt["rng"], dict) else ckpt["rng"]  # one per rank
-        if rank < len(states):
-            torch.set_rng_state(states[rank]["cpu"])
-            if device.type == "cuda" and "cuda" in states[rank]:
-                torch.cuda.set_rng_state(states[rank]["cuda"], device)
-        print(f"resuming {args.out} at epoch {run.epoch + 1}, step {run.step}")
+        resume.restore(run, args, ckpt, make_optimizer)
     return run
-
-
-def checkpoint(run, args, epoch, step):
-    """The run's state as plain types and CPU tensors: loads with torch.load(path, weights_only=True) anywhere.
-    Every rank calls it (the ranks' RNG states are gathered); rank 0 writes it."""
-    rng = {"cpu": torch.get_rng_state()}
-    if run.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(run.device)
-    return {"model": to_cpu(run.model.state_dict()), "optimizer": to_cpu(run.opt.state_dict()),
-            "finetune": run.opt.finetune, "epoch": epoch, "step_in_epoch": step,
-            "config": {"model": run.model.config, "train": run_config(args)}, "device": run.device.type,
-            "channels_last": args.channels_last, "world_size": run.world, "running": run.running.cpu(),
-            "rng": ddp.gather(rng, run.world), "metrics": {"history": run.history, "best_val_robust": run.best},
-            # every rank's BatchNorm statistics: they drift apart between epochs, and each rank's attack reads its own
-            "rank_buffers": ddp.gather(to_cpu(dict(run.model.named_buffers())), run.world) if run.world > 1 else []}
 
 
 def train_epoch(run, args, epoch, stop):
@@ -394,7 +315,7 @@ def end_epoch(run, args, epoch, sums, seconds):
         run.best = -1.0
     is_best = run.n_val == 0 or val_robust > run.best
     run.best = val_robust if run.n_val and is_best else run.best
-    state = checkpoint(run, args, epoch + 1, 0)
+    state = resume.checkpoint(run, args, epoch + 1, 0)
     if run.rank == 0:
         if is_best:  # best first: the last checkpoint never names a best epoch that was not written
             save_atomic(state, run.files["best"])
@@ -437,7 +358,7 @@ def train(run, args):
             if finished:
                 end_epoch(run, args, epoch, sums, time.time() - t0)
             else:
-                state = checkpoint(run, args, epoch, run.step)
+                state = resume.checkpoint(run, args, epoch, run.step)
                 if run.rank == 0:
                     save_atomic(state, args.out)
             if not finished or ddp.any_rank(stop, run.world, run.device):
@@ -456,7 +377,7 @@ def train(run, args):
 
 
 def main(args):
-    ckpt = read_run(args)
+    ckpt = resume.read_run(args, IGNORED)
     rank, world = ddp.start(args.device, args.batch_size, args.sync_bn)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN's autotuned kernels pay (CUDA only)
     user_errors = (CLIError, DataError, OSError)
@@ -465,11 +386,7 @@ def main(args):
             ddp.agreed(lambda: rank == 0 and load_dataset(args.dataset, args.data, download=True), world, user_errors)
         run = ddp.agreed(lambda: set_up(args, ckpt, rank, world), world, user_errors)  # no collective inside
         run.train_net = ddp.wrap(run.net, run.device, world)  # a collective: once every rank's set-up succeeded
-        own = (ckpt or {}).get("rank_buffers", [])
-        if rank < len(own):  # after the wrap, which gives every rank rank 0's: this rank's own BatchNorm statistics
-            with torch.no_grad():
-                for name, b in run.model.named_buffers():
-                    b.copy_(own[rank][name])
+        resume.restore_rank_buffers(run.model, ckpt, rank)  # after the wrap, which gave every rank rank 0's
         return train(run, args)
     except RuntimeError as e:
         if ddp.peer_failed(e, world):
