@@ -388,7 +388,11 @@ def main(args):
     if args.summarize:
         if not os.path.exists(study_file):
             raise CLIError(f"{args.out} holds no study (no study.json); run the grid first")
-        summarize(args.out, read_rows(rows_file), args.reference)
+        rows = read_rows(rows_file)
+        arms = {r.get("arm", r["loss"]) for r in rows if r["status"] == "ok"}
+        if args.reference is not None and args.reference not in arms:
+            raise CLIError(f"--reference: {args.reference} has no finished run in {args.out}; arms: {','.join(sorted(arms))}")
+        summarize(args.out, rows, args.reference)
         print(f"wrote {os.path.join(args.out, 'summary.md')} and summary.svg")
         return 0
     saved = json.load(open(study_file)) if os.path.exists(study_file) else {}

@@ -149,7 +149,7 @@ def test_grid_names_of_fractions():
     assert args.arms == {"eps4_255": ["--eps", "4/255"], "eps8_255": ["--eps", "8/255"]}
 
 
-def test_validation_ranking_and_its_noise(tmp_path):
+def test_validation_ranking_and_its_noise(tmp_path, capsys):
     """Val-only rows rank by mean val PGD; a test-evaluated row of the same run replaces its val-only row."""
     rows = [{**fake_row("ce", s, None, None, val_pgd=v), "arm": "ce", "accuracy": {}, "val_only": True}
             for s, v in enumerate([0.30, 0.32])]
@@ -170,6 +170,11 @@ def test_validation_ranking_and_its_noise(tmp_path):
     p = (0.30 + 0.32 + 0.33 + 0.36) / 4  # the binomial standard error of one run's val PGD on 1000 images
     assert f"standard error of {100 * math.sqrt(p * (1 - p) / 1000):.1f} points" in ranking
     assert "## Test set" in md and "| ce | 1 | 50.0 |" in md  # only the evaluated run
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert_user_error(run_here(study, "--out", tmp_path, "--summarize", "--reference", "nope", capsys=capsys),
+                      "--reference", "nope")
+    assert run_here(study, "--out", tmp_path, "--summarize", "--reference", "lam3", capsys=capsys).returncode == 0
+    assert "val PGD − lam3" in (tmp_path / "summary.md").read_text()
 
 
 def test_sweep_on_validation_then_test_evaluation_reuses_the_checkpoints(tmp_path, capsys):
