@@ -19,7 +19,7 @@ paired by seed. OUT holds:
     study.json    the recipe (shared flags, evaluation, each arm's flags); a rerun that contradicts it is refused
     rows.jsonl    one row per finished or failed run (status "ok" or "failed"), appended as each ends
     summary.md    per arm: mean and spread over seeds, the paired difference to the reference arm, the validation
-                  ranking with its noise, the second loss term per epoch, every run (summary.py)
+                  ranking with its noise, the second loss term per epoch, every run (summary.py; arms: arms.py)
     summary.svg   val PGD and the test accuracies: a point per seed, the mean marked
     runs/         each run's checkpoints (.pt, not for git), log (.jsonl), curves (.svg), console output, eval JSON
 """
@@ -27,14 +27,13 @@ import hashlib
 import json
 import os
 import platform
-import re
-import shlex
 import subprocess
 import sys
 import time
 
 import torch
 
+import arms
 import resume
 import train
 from cli import CLIError, Parser, cli, non_negative, on_stop_signals, positive, save_atomic_text
@@ -43,49 +42,6 @@ from eval import attack_list
 from summary import summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STUDY_FLAGS = {"--seed", "--out", "--resume"}  # study.py sets these for every run
-SHARED_ONLY = {"data", "dataset", "device"}  # the data and device every arm is evaluated on: after -- only
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*$")  # an arm's name is part of its file names
-
-
-def flag_names(flags):
-    return [f.split("=")[0] for f in flags if f.startswith("--")]
-
-
-def define_arms(p, args):
-    """{name: train.py flags} from --losses, --arm and --grid, in that order; p.error on a bad definition."""
-    arms = {}
-
-    def add(name, flags, where):
-        if not NAME.match(name):
-            p.error(f"argument {where}: arm name {name!r} must be letters, digits and . _ + - (it names files)")
-        if name in arms:
-            p.error(f"argument {where}: arm {name} is defined twice")
-        arms[name] = flags
-
-    losses = args.losses.split(",") if args.losses is not None else []
-    for loss in [s.strip() for s in losses]:
-        if loss not in train.LOSSES:
-            p.error(f"argument --losses: {loss!r} is not a loss; choose from {','.join(train.LOSSES)}")
-        add(loss, ["--loss", loss], "--losses")
-    for text in args.arm:
-        name, eq, flags = text.partition("=")
-        try:
-            flags = shlex.split(flags)
-        except ValueError as e:
-            p.error(f"argument --arm: {text!r}: {e}")
-        if not eq or not flags or not all(f.startswith("--") for f in flags[:1]):
-            p.error(f'argument --arm: {text!r} is not NAME="TRAIN.PY FLAGS", e.g. lam0="--loss anchor --lam 0"')
-        add(name.strip(), flags, "--arm")
-    for text in args.grid:
-        key, eq, values = text.partition("=")
-        key = key.strip().removeprefix("--")
-        values = [v.strip() for v in values.split(",") if v.strip()]
-        if not eq or not key or not values:
-            p.error(f"argument --grid: {text!r} is not FLAG=V,V, e.g. lam=0,0.3,3 (a train.py flag without --)")
-        for v in values:
-            add(f"{key}{v.replace('/', '_')}", [f"--{key}", v], "--grid")  # eps=8/255: arm eps8_255
-    return arms
 
 
 def get_args(argv=None):
@@ -114,7 +70,7 @@ def get_args(argv=None):
     args = p.parse_args(own)
     if args.summarize:
         return args
-    args.arms = define_arms(p, args)  # none: the arms stored in OUT/study.json, or the four losses (main)
+    args.arms = arms.define(args.losses, args.arm, args.grid)  # none: the stored ones, or the four losses
     args.only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only is not None else None
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -124,7 +80,7 @@ def get_args(argv=None):
         p.error(f"argument --seeds: {args.seeds} repeats a seed")
     if args.aa_n > args.n:
         p.error(f"argument --aa-n: {args.aa_n} is more than --n {args.n}; AutoAttack runs on a subset of those images")
-    taken = [f for f in flag_names(train_flags) if f in STUDY_FLAGS]
+    taken = [f for f in arms.flag_names(train_flags) if f in arms.STUDY_FLAGS]
     if taken:
         p.error(f"train.py flag {taken[0]}: study.py sets --seed, --out and --resume itself; drop it")
     try:  # train.py's own parser judges the shared flags now, not hours into the grid
@@ -133,34 +89,6 @@ def get_args(argv=None):
         raise CLIError(f"train.py flags after --: {e}") from None
     args.train_flags = train_flags
     return args
-
-
-def dests(flags):
-    """The train.py settings that `flags` name (--no-channels-last and --channels-last are one), unknown ones as
-    typed (train.py refuses them with its own message)."""
-    known = {o: a.dest for a in train.parser()._actions for o in a.option_strings}
-    return {known.get(f, f) for f in flag_names(flags)}
-
-
-def check_arm(name, flags, shared):
-    """CLIError unless the arm's flags, with the shared ones, are a train.py command line that train.py accepts,
-    no setting is made both by the arm and after -- (one would silently win), and the arm leaves the data and
-    device to the shared flags."""
-    taken = [f for f in flag_names(flags) if f in STUDY_FLAGS]
-    if taken:
-        raise CLIError(f"arm {name}: study.py sets {taken[0]} itself; drop it")
-    both = sorted(dests(flags) & dests(shared))
-    if both:
-        raise CLIError(f"arm {name}: --{both[0].replace('_', '-')} is set by the arm and in the shared train.py "
-                       "flags after --; set it in one place")
-    own = sorted(dests(flags) & SHARED_ONLY)
-    if own:
-        raise CLIError(f"arm {name}: --{own[0]} belongs in the shared flags after --: every arm is evaluated on "
-                       "the same data and device")
-    try:
-        return train.get_args(shared + flags + ["--seed", "0", "--out", "x.pt"])
-    except CLIError as e:
-        raise CLIError(f"arm {name}: train.py flags {' '.join(flags)}: {e}") from None
 
 
 def data_copy(data, dataset):
@@ -360,38 +288,15 @@ def run_grid(args, grid, todo, rows_file, data):
     return 1 if failures else 0
 
 
-def settle_arms(args, saved):
-    """The arms this invocation runs, checked against the study's stored ones; -> every known arm's flags. No arm
-    named: the stored ones (a rerun of the same study), or in a new study the four losses."""
-    known = dict(saved.get("arms", {}))
-    if not args.arms and args.only is None:
-        args.arms = dict(known) or {loss: ["--loss", loss] for loss in train.LOSSES}
-    for name, flags in args.arms.items():
-        if name in known and known[name] != flags:
-            raise CLIError(f"arm {name} is stored in {args.out}/study.json with flags {' '.join(known[name])!r}, not "
-                           f"{' '.join(flags)!r}; give it another name, or choose another --out")
-        known.setdefault(name, flags)
-    if args.only is not None:
-        unknown = [a for a in args.only if a not in known]
-        if unknown or not args.only:
-            raise CLIError(f"--only: {unknown[0] if unknown else '(empty)'} is not an arm of this study; known arms: "
-                           f"{','.join(known) or 'none yet'}")
-        args.arms = {a: known[a] for a in args.only}
-    if args.reference is not None and args.reference not in known:
-        raise CLIError(f"--reference: {args.reference} is not an arm of this study; known arms: {','.join(known)}")
-    args.parsed = {name: check_arm(name, flags, args.train_flags) for name, flags in args.arms.items()}
-    return known
-
-
 def main(args):
     study_file, rows_file = os.path.join(args.out, "study.json"), os.path.join(args.out, "rows.jsonl")
     if args.summarize:
         if not os.path.exists(study_file):
             raise CLIError(f"{args.out} holds no study (no study.json); run the grid first")
         rows = read_rows(rows_file)
-        arms = {r.get("arm", r["loss"]) for r in rows if r["status"] == "ok"}
-        if args.reference is not None and args.reference not in arms:
-            raise CLIError(f"--reference: {args.reference} has no finished run in {args.out}; arms: {','.join(sorted(arms))}")
+        ran = {r.get("arm", r["loss"]) for r in rows if r["status"] == "ok"}
+        if args.reference is not None and args.reference not in ran:
+            raise CLIError(f"--reference: {args.reference} has no finished run in {args.out}; arms: {','.join(sorted(ran))}")
         summarize(args.out, rows, args.reference)
         print(f"wrote {os.path.join(args.out, 'summary.md')} and summary.svg")
         return 0
@@ -401,7 +306,7 @@ def main(args):
         if diff:
             raise CLIError(f"{args.out} holds a study with other {', '.join(diff)} ({saved.get(diff[0])}); rerun with "
                            "the same flags to continue it, or choose another --out")
-    known = settle_arms(args, saved)  # every arm's flags judged by train.py, before any run
+    known = arms.settle(args, saved)  # every arm's flags judged by train.py, before any run
     fits = {(a.limit, a.val, a.batch_size): a for a in args.parsed.values()}
     for parsed in fits.values():  # --data, --limit, --val and --batch-size fit every arm, before any run
         train.training_data(parsed, download=False)
