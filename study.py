@@ -255,7 +255,8 @@ def run_one(args, arm, seed, runs, data):
             row["autoattack_stages"] = result["autoattack_stages"]
     # Bit-for-bit reruns need the same torch, data copy, CPU kernels and thread count (they change the rounding).
     row.update(data=data, threads=torch.get_num_threads(), cpu=cpu_name(), code=code_version())
-    row.setdefault("torch", torch.__version__)
+    row.setdefault("torch", torch.__version__)  # validation-only rows: this process's, as their children's
+    row.setdefault("device", args.train.device)
     return row
 
 
