@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import study
 import summary
@@ -213,3 +214,19 @@ def test_sweep_on_validation_then_test_evaluation_reuses_the_checkpoints(tmp_pat
                  capsys=capsys)
     assert_user_error(r, "arm lam2", "--lam 2")
     assert len(rows(out)) == 3
+
+
+def test_a_finished_checkpoint_is_reused_only_for_its_own_recipe(tmp_path):
+    """study.py skips train.py for a run at its last epoch only when the checkpoint's recipe, seed and files match;
+    anything else goes to train.py, which continues it or refuses it (a failed row)."""
+    args = study.arms.check("a", ["--lam", "2"], ["--epochs", "3", *TINY])
+    ckpt = tmp_path / "a_s1.pt"
+    torch.save({"epoch": 3, "step_in_epoch": 0, "config": {"train": {**study.resume.run_config(args), "seed": 1}}}, ckpt)
+    for p in (tmp_path / "a_s1.best.pt", tmp_path / "a_s1.jsonl"):
+        p.write_text("")
+    assert study.finished(str(ckpt), args, 1)
+    assert not study.finished(str(ckpt), args, 2)  # another seed
+    assert not study.finished(str(ckpt), study.arms.check("a", ["--lam", "3"], ["--epochs", "3", *TINY]), 1)
+    assert not study.finished(str(ckpt), study.arms.check("a", ["--lam", "2"], ["--epochs", "4", *TINY]), 1)
+    (tmp_path / "a_s1.jsonl").unlink()
+    assert not study.finished(str(ckpt), args, 1)  # its log is missing
