@@ -84,6 +84,12 @@ def check(name, flags, shared):
         raise CLIError(f"arm {name}: train.py flags {' '.join(flags)}: {e}") from None
 
 
+def missing_arm(args, names):
+    """(flag, arm): the first arm that --reference or --compare names and `names` lacks; None if there is none."""
+    named = [("--reference", args.reference)] + [("--compare", a) for pair in args.compare for a in pair]
+    return next(((flag, a) for flag, a in named if a is not None and a not in names), None)
+
+
 def settle(args, saved):
     """The arms this invocation runs, checked against the study's stored ones; -> every known arm's flags. No arm
     named: the stored ones (a rerun of the same study), or in a new study the four losses."""
@@ -101,7 +107,8 @@ def settle(args, saved):
             raise CLIError(f"--only: {unknown[0] if unknown else '(empty)'} is not an arm of this study; known arms: "
                            f"{','.join(known) or 'none yet'}")
         args.arms = {a: known[a] for a in args.only}
-    if args.reference is not None and args.reference not in known:
-        raise CLIError(f"--reference: {args.reference} is not an arm of this study; known arms: {','.join(known)}")
+    missing = missing_arm(args, known)
+    if missing:
+        raise CLIError(f"{missing[0]}: {missing[1]} is not an arm of this study; known arms: {','.join(known)}")
     args.parsed = {name: check(name, flags, args.train_flags) for name, flags in args.arms.items()}
     return known

@@ -1,6 +1,6 @@
 """A training run on disk: the files train.py writes, what a checkpoint holds, and continuing from one.
 
-    ckpt = read_run(args, unused)                  # None for a new run (its files must be free), else the checkpoint
+    ckpt = read_run(args, unused_flag)             # None for a new run (its files must be free), else the checkpoint
     state = checkpoint(run, args, epoch, step)     # plain types and CPU tensors; every rank's RNG and BatchNorm
     restore(run, args, ckpt, make_optimizer)       # weights, optimizer, counters and this rank's RNG, in set-up
     restore_rank_buffers(model, ckpt, rank)        # this rank's BatchNorm statistics, after the DDP wrap
@@ -29,9 +29,9 @@ def run_config(args):
     return {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS | {"explicit"}}
 
 
-def read_run(args, unused):
+def read_run(args, unused_flag):
     """The checkpoint to resume (its recipe copied into args), or None for a new run whose files are free.
-    unused: {loss: flags it does not read}, refused here against the checkpoint's loss."""
+    unused_flag(loss, typed): the first typed flag that loss does not read; refused against the checkpoint's loss."""
     if not args.resume:
         taken = [p for p in [args.out, *paths(args.out).values()] if os.path.exists(p)]
         if taken:
@@ -43,10 +43,10 @@ def read_run(args, unused):
         raise CLIError(f"--resume: {args.out} lacks {sorted(missing) or ['config.train']}: it was not written "
                        "by this train.py; start a new --out")
     saved = {"dataset": "cifar10", "arch": "resnet18", **ckpt["config"]["train"]}  # older runs lack these two
-    ignored = [f for f in unused.get(saved.get("loss"), ()) if f in args.explicit]
-    if ignored:
-        raise CLIError(f"--resume: {args.out} was trained with --loss {saved['loss']}, which does not use "
-                       f"--{ignored[0].replace('_', '-')}; drop the flag")
+    flag = unused_flag(saved.get("loss"), args.explicit)
+    if flag:
+        raise CLIError(f"--resume: {args.out} was trained with --loss {saved['loss']}, which does not use {flag}; "
+                       "drop the flag")
     newer = sorted(k for k in args.explicit - RUNTIME_FLAGS if k not in saved)
     if newer:  # a flag younger than the checkpoint: its run trained without it
         raise CLIError(f"--resume: {args.out} was written before --{newer[0].replace('_', '-')} existed; drop the "

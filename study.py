@@ -59,6 +59,8 @@ def get_args(argv=None):
     p.add_argument("--only", type=str, default=None, help="run only these arms (comma-separated), defined here or "
                    "already in OUT/study.json")
     p.add_argument("--reference", type=str, default=None, help="the arm every other is paired with (default: ce where it ran)")
+    p.add_argument("--compare", type=str, action="append", default=[], help="ARM:REF: a paired difference "
+                   "summary.md states on its own line, e.g. anchor:anchor_lam0; repeatable")
     p.add_argument("--val-only", action="store_true", help="train and rank on the validation slice; no test-set evaluation")
     p.add_argument("--seeds", type=str, default="0,1,2", help="comma-separated integer seeds")
     p.add_argument("--out", type=str, required=True, help="the study's folder (rows, summary, runs); rerun with the same to continue")
@@ -68,6 +70,11 @@ def get_args(argv=None):
     p.add_argument("--eval-batch-size", type=positive(int), default=500, help="eval.py --batch-size")
     p.add_argument("--summarize", action="store_true", help="only rewrite summary.md and summary.svg from rows.jsonl")
     args = p.parse_args(own)
+    pairs = [c.split(":") for c in args.compare]
+    bad = next((c for c, pair in zip(args.compare, pairs) if len(pair) != 2 or not all(pair) or pair[0] == pair[1]), None)
+    if bad is not None:
+        p.error(f"argument --compare: {bad!r} is not ARM:REF with two different arms, e.g. anchor:anchor_lam0")
+    args.compare = [tuple(pair) for pair in pairs]
     if args.summarize:
         return args
     args.arms = arms.define(args.losses, args.arm, args.grid)  # none: the stored ones, or the four losses
@@ -283,7 +290,7 @@ def run_grid(args, grid, todo, rows_file, data):
         failures += row["status"] == "failed"
         if row["status"] == "failed":
             print(f"run {arm} seed {seed} FAILED in {row['stage']}: {row['error']} (recorded; the study goes on)")
-        summarize(args.out, read_rows(rows_file), args.reference)
+        summarize(args.out, read_rows(rows_file), args.reference, args.compare)
     print(f"study done in {hms(time.time() - start)}: {len(todo) - failures} runs finished, {failures} failed; "
           f"see {os.path.join(args.out, 'summary.md')}")
     return 1 if failures else 0
@@ -296,9 +303,10 @@ def main(args):
             raise CLIError(f"{args.out} holds no study (no study.json); run the grid first")
         rows = read_rows(rows_file)
         ran = {r.get("arm", r["loss"]) for r in rows if r["status"] == "ok"}
-        if args.reference is not None and args.reference not in ran:
-            raise CLIError(f"--reference: {args.reference} has no finished run in {args.out}; arms: {','.join(sorted(ran))}")
-        summarize(args.out, rows, args.reference)
+        missing = arms.missing_arm(args, ran)
+        if missing:
+            raise CLIError(f"{missing[0]}: {missing[1]} has no finished run in {args.out}; arms: {','.join(sorted(ran))}")
+        summarize(args.out, rows, args.reference, args.compare)
         print(f"wrote {os.path.join(args.out, 'summary.md')} and summary.svg")
         return 0
     saved = json.load(open(study_file)) if os.path.exists(study_file) else {}

@@ -86,12 +86,12 @@ def arm_table(runs, arms, metrics):
     return lines
 
 
-def diff_table(runs, arms, reference, metrics):
+def diff_table(runs, pairs, metrics):
+    """A row per (arm, reference) pair: the paired difference on each metric."""
     lines = ["| arm | " + " | ".join(name for _, name in metrics) + " |", "|---" * (1 + len(metrics)) + "|"]
-    for arm in arms:
-        if arm != reference:
-            lines.append(f"| {arm} − {reference} | " + " | ".join(diff_cell(*paired(runs, arm, reference, m))
-                                                                 for m, _ in metrics) + " |")
+    for arm, reference in pairs:
+        lines.append(f"| {arm} − {reference} | " + " | ".join(diff_cell(*paired(runs, arm, reference, m))
+                                                             for m, _ in metrics) + " |")
     return lines
 
 
@@ -158,7 +158,7 @@ def every_run(rows):
     return lines
 
 
-def summary_markdown(rows, arms, study, reference):
+def summary_markdown(rows, arms, study, reference, compare=()):
     runs = latest(rows)
     flags = study.get("arms", {})
     tested = [a for a in arms if any(a == k[0] and not r.get("val_only") for k, r in runs.items())]
@@ -171,7 +171,11 @@ def summary_markdown(rows, arms, study, reference):
         test_runs = {k: r for k, r in runs.items() if not r.get("val_only")}
         lines += ["## Test set", ""] + arm_table(test_runs, tested, TEST_METRICS)
         if reference in tested:
-            lines += ["", f"Difference to {reference}:", ""] + diff_table(test_runs, tested, reference, TEST_METRICS)
+            pairs = [(a, reference) for a in tested if a != reference]
+            lines += ["", f"Difference to {reference}:", ""] + diff_table(test_runs, pairs, TEST_METRICS)
+    if compare:  # the named comparisons: validation, and the test metrics where both arms were evaluated
+        metrics = VAL_METRICS + (TEST_METRICS if tested else [])
+        lines += ["", "## Comparisons", ""] + diff_table(runs, compare, metrics)
     lines += ["", "## Validation ranking (the checkpoint each run keeps)", ""] + ranking(runs, arms, reference, flags)
     lines += ["", "## The second loss term per epoch, mean over seeds (contrastive for anchor and supcon, KL for "
               "trades, 0 for ce)", ""] + curves(runs, arms)
@@ -214,8 +218,9 @@ def summary_svg(rows, arms, path):
     save_atomic_text("\n".join(out) + "\n", path)
 
 
-def summarize(out, rows, reference=None):
-    """Rewrite OUT/summary.md and OUT/summary.svg from `rows`; the reference arm defaults to ce where it ran."""
+def summarize(out, rows, reference=None, compare=()):
+    """Rewrite OUT/summary.md and OUT/summary.svg from `rows`; the reference arm defaults to ce where it ran.
+    compare: (arm, reference) pairs, each given its own line of paired differences."""
     study = json.load(open(os.path.join(out, "study.json")))
     known = list(study.get("arms", {}))  # the order the arms were defined in
     arms = known + [a for a in dict.fromkeys(arm_of(r) for r in rows) if a not in known]
@@ -225,6 +230,6 @@ def summarize(out, rows, reference=None):
     ran = {arm_of(r) for r in rows if r["status"] == "ok"}
     arms = [a for a in arms if a in {arm_of(r) for r in rows}]
     reference = reference or ("ce" if "ce" in ran else next((a for a in arms if a in ran), None))
-    save_atomic_text(summary_markdown(rows, arms, study, reference), os.path.join(out, "summary.md"))
+    save_atomic_text(summary_markdown(rows, arms, study, reference, compare), os.path.join(out, "summary.md"))
     if ran:
         summary_svg(rows, [a for a in arms if a in ran], os.path.join(out, "summary.svg"))

@@ -92,6 +92,8 @@ def test_grid_fails_stops_resumes_and_skips(tmp_path, capsys):
     (["--grid", "lam=0,1"], ["--lam", "2"], ["arm lam0", "--lam", "one place"]),
     (["--losses", "ce"], ["--loss", "anchor"], ["arm ce", "--loss", "one place"]),
     (["--only", "nope"], [], ["--only", "nope"]), (["--reference", "nope", "--losses", "ce"], [], ["--reference"]),
+    (["--compare", "ce"], [], ["--compare", "ARM:REF"]), (["--compare", "ce:ce"], [], ["--compare", "two different"]),
+    (["--losses", "ce,anchor", "--compare", "anchor:nope"], [], ["--compare", "nope", "not an arm"]),
     (["--arm", "nchw=--no-channels-last"], ["--channels-last"], ["arm nchw", "--channels-last", "one place"]),
     (["--arm", "d=--dataset cifar100"], [], ["arm d", "--dataset", "shared"]),
     (["--grid", "limit=40,100000"], [], ["--limit"]),  # an arm's data that do not fit, before any run
@@ -139,7 +141,11 @@ def test_aggregation_arithmetic(tmp_path):
     assert "| ce | 3 | 52.0 ± 2.0 | 32.0 ± 2.6 | – |" in md  # sd of 30, 31, 35 is 2.65
     assert "| anchor − ce | +3.0 [+0.5, +5.5] * | +0.7 [" in md  # 3.0 ± 4.303 * 1.0 / sqrt(3) = 3.0 ± 2.5
     assert md.index("| ce |") < md.index("| anchor |")  # the baseline first
-    assert "| trades | 0 | failed | failed in eval: boom |" in md
+    assert "| trades | 0 | failed | failed in eval: boom |" in md and "## Comparisons" not in md
+    summary.summarize(str(tmp_path), study.read_rows(str(tmp_path / "rows.jsonl")), compare=[("anchor", "ce")])
+    md = (tmp_path / "summary.md").read_text()  # a named pair: validation (equal here) and test metrics
+    assert ("| anchor − ce | +0.0 (no spread over 3 seeds) | +0.0 (no spread over 3 seeds) | +3.0 [+0.5, +5.5] * | "
+            "+0.7 [") in md[md.index("## Comparisons"):]
     assert (tmp_path / "summary.svg").read_text().count("<circle") == 18  # 6 runs x (val PGD, clean, PGD-20)
     study.append_row(str(tmp_path / "rows.jsonl"), fake_row("supcon", 0, 0.5, 0.3))  # after the line cut short
     assert [r["loss"] for r in study.read_rows(str(tmp_path / "rows.jsonl"))][-2:] == ["trades", "supcon"]
@@ -176,6 +182,11 @@ def test_validation_ranking_and_its_noise(tmp_path, capsys):
                       "--reference", "nope")
     assert run_here(study, "--out", tmp_path, "--summarize", "--reference", "lam3", capsys=capsys).returncode == 0
     assert "val PGD − lam3" in (tmp_path / "summary.md").read_text()
+    assert_user_error(run_here(study, "--out", tmp_path, "--summarize", "--compare", "lam3:nope", capsys=capsys),
+                      "--compare", "nope")
+    assert run_here(study, "--out", tmp_path, "--summarize", "--compare", "lam3:ce", capsys=capsys).returncode == 0
+    md = (tmp_path / "summary.md").read_text()
+    assert "| lam3 − ce | +0.0 (no spread over 2 seeds) | +3.5 [" in md[md.index("## Comparisons"):]
 
 
 def test_sweep_on_validation_then_test_evaluation_reuses_the_checkpoints(tmp_path, capsys):

@@ -39,6 +39,11 @@ IGNORED = {"ce": ("temperature", "beta", "lam", "adv_view"), "trades": ("tempera
            "supcon": ("beta",)}
 
 
+def unused_flag(loss, typed):
+    """The first of the typed flags (dests) that --loss `loss` does not read, as "--name"; None if none."""
+    return next((f"--{f.replace('_', '-')}" for f in IGNORED.get(loss, ()) if f in typed), None)
+
+
 def parser():
     p = Parser(description="Adversarial training on CIFAR-10/100 with the ANCHOR loss.", allow_abbrev=False)
     p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (downloaded there when missing)")
@@ -84,10 +89,10 @@ def get_args(argv=None):
     # that contradict the checkpoint.
     typed = {t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")}
     args.explicit = {a.dest for a in p._actions if typed & set(a.option_strings)}
-    ignored = [f for f in IGNORED.get(args.loss, ()) if f in args.explicit]
-    if ignored:
-        hint = "; TRADES's beta is --lam (default 6)" if args.loss == "trades" and ignored[0] == "beta" else ""
-        p.error(f"argument --{ignored[0].replace('_', '-')}: --loss {args.loss} does not use it{hint}; drop the flag")
+    flag = unused_flag(args.loss, args.explicit)
+    if flag:
+        hint = "; TRADES's beta is --lam (default 6)" if (args.loss, flag) == ("trades", "--beta") else ""
+        p.error(f"argument {flag}: --loss {args.loss} does not use it{hint}; drop the flag")
     if args.lam is None:
         args.lam = 6.0 if args.loss == "trades" else 1.0
     if args.alpha is None:
@@ -377,7 +382,7 @@ def train(run, args):
 
 
 def main(args):
-    ckpt = resume.read_run(args, IGNORED)
+    ckpt = resume.read_run(args, unused_flag)
     rank, world = ddp.start(args.device, args.batch_size, args.sync_bn)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN's autotuned kernels pay (CUDA only)
     user_errors = (CLIError, DataError, OSError)
