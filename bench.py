@@ -5,9 +5,9 @@
     python bench.py --arch wrn-34-10         # another architecture (model.py's names)
     python bench.py --json bench.json
 
-The step is train.py's own `train_step` (imported, not copied). Each figure is the median over timed steps
-after warm-up, with the device synchronized around every timed step; the data are random images on the
-device, since the content does not change the work.
+The step is step.py's `train_step`, the one train.py runs (imported, not copied). Each figure is the median
+over timed steps after warm-up, with the device synchronized around every timed step; the data are random
+images on the device, since the content does not change the work.
 """
 import json
 import statistics
@@ -16,6 +16,7 @@ import time
 import torch
 
 import cli
+import step
 import train
 from model import arch_key
 
@@ -75,21 +76,21 @@ def sync(device):
 
 
 def measure(loss, variant, args):
-    """Median images/s of train.train_step for one loss and one precision variant."""
+    """Median images/s of step.train_step for one loss and one precision variant."""
     width = [] if args.is_wrn else ["--width", str(args.width)]
     targs = train.get_args(["--loss", loss, "--device", args.device, "--batch-size", str(args.batch_size),
                             "--arch", args.arch, *width, "--steps", str(args.steps)] + VARIANTS[variant])
     device = torch.device(args.device)
     torch.manual_seed(0)
     model, net = train.make_model(targs, device)
-    opt = train.make_optimizer(model, targs, finetune=False)
+    opt = step.make_optimizer(model, targs, finetune=False)
     x = torch.rand(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     times = []
     for i in range(args.warmup + args.iters):
         sync(device)
         t0 = time.perf_counter()
-        train.train_step(model, net, opt, x, y, targs)
+        step.train_step(model, net, opt, x, y, targs)
         sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)

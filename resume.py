@@ -1,8 +1,8 @@
 """A training run on disk: the files train.py writes, what a checkpoint holds, and continuing from one.
 
-    ckpt = read_run(args, unused_flag)             # None for a new run (its files must be free), else the checkpoint
+    ckpt = read_run(args)                          # None for a new run (its files must be free), else the checkpoint
     state = checkpoint(run, args, epoch, step)     # plain types and CPU tensors; every rank's RNG and BatchNorm
-    restore(run, args, ckpt, make_optimizer)       # weights, optimizer, counters and this rank's RNG, in set-up
+    restore(run, args, ckpt)                       # weights, optimizer, counters and this rank's RNG, in set-up
     restore_rank_buffers(model, ckpt, rank)        # this rank's BatchNorm statistics, after the DDP wrap
 
 A resumed run equals the run never stopped, bit for bit on the CPU (test_cli.py, test_ddp.py check it).
@@ -13,6 +13,7 @@ import torch
 
 import ddp
 from cli import CLIError, load_checkpoint, to_cpu
+from step import make_optimizer, unused_flag
 
 # Flags that do not change what is trained: on --resume they may differ from the checkpoint's.
 RUNTIME_FLAGS = {"data", "device", "compile", "channels_last", "out", "resume", "sync_bn"}
@@ -29,9 +30,9 @@ def run_config(args):
     return {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS | {"explicit"}}
 
 
-def read_run(args, unused_flag):
-    """The checkpoint to resume (its recipe copied into args), or None for a new run whose files are free.
-    unused_flag(loss, typed): the first typed flag that loss does not read; refused against the checkpoint's loss."""
+def read_run(args):
+    """The checkpoint to resume (its recipe copied into args), or None for a new run whose files are free. Refused:
+    a typed flag that the checkpoint's loss does not read, or that contradicts or postdates its recipe."""
     if not args.resume:
         taken = [p for p in [args.out, *paths(args.out).values()] if os.path.exists(p)]
         if taken:
@@ -85,7 +86,7 @@ def checkpoint(run, args, epoch, step):
             "rank_buffers": ddp.gather(to_cpu(dict(run.model.named_buffers())), run.world) if run.world > 1 else []}
 
 
-def restore(run, args, ckpt, make_optimizer):
+def restore(run, args, ckpt):
     """A new run's state (set_up's namespace) set to the checkpoint's: weights, the optimizer of its stage,
     counters, history and this rank's RNG."""
     model, rank, device = run.model, run.rank, run.device

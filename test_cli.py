@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import eval as eval_cli
+import step
 import train
 from attacks import apgd, cw_l2, fgsm, pgd, square
 from cli import json_safe
@@ -283,7 +284,7 @@ def test_train_step_every_loss(loss):
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 3, (16,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    total, parts, logits_adv, logits_clean = train.train_step(model, model, opt, x, y, args)
+    total, parts, logits_adv, logits_clean = step.train_step(model, model, opt, x, y, args)
     assert torch.isfinite(total) and (parts[1].item() > 0 if loss != "ce" else parts[1].item() == 0)
     assert (logits_clean is None) == (loss == "ce") and logits_adv.shape == (16, 10)
     assert not torch.equal(before["conv1.weight"], model.conv1.weight)
@@ -291,7 +292,7 @@ def test_train_step_every_loss(loss):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("classifier."))
-    train.train_step(model, model, torch.optim.SGD(model.classifier.parameters(), lr=0.1), x, y, args, finetune=True)
+    step.train_step(model, model, torch.optim.SGD(model.classifier.parameters(), lr=0.1), x, y, args, finetune=True)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"classifier.weight", "classifier.bias"}
@@ -310,13 +311,13 @@ def test_bench_runs_the_training_step(tmp_path):
 
 def test_lr_schedule():
     total, peak = 40, 0.2
-    lrs = [train.lr_at(s, total, peak) for s in range(total)]
+    lrs = [step.lr_at(s, total, peak) for s in range(total)]
     warm = lrs.index(max(lrs))
     assert lrs[warm] == pytest.approx(peak) and warm == int(0.15 * total) - 1
     assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))  # rising
     assert all(a > b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # then falling
     assert 0 < lrs[-1] < 0.01 * peak  # near 0, but the last step still updates
-    assert [train.lr_at(s, 2, peak) for s in range(2)] == [peak, pytest.approx(peak / 2)]
+    assert [step.lr_at(s, 2, peak) for s in range(2)] == [peak, pytest.approx(peak / 2)]
 
 
 def test_eval_sanity_checks_fire():

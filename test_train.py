@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import step
 import train
 from attacks import pgd
 from test_cli import TINY
@@ -14,8 +15,8 @@ from test_cli import TINY
 def one_step(model, args, x, y, seed=0):
     """train.py's step with its own optimizer; -> (parts, adversarial logits, the RNG state after)."""
     torch.manual_seed(seed)
-    opt = train.make_optimizer(model, args, finetune=False)
-    _, parts, logits_adv, _ = train.train_step(model, model, opt, x, y, args)
+    opt = step.make_optimizer(model, args, finetune=False)
+    _, parts, logits_adv, _ = step.train_step(model, model, opt, x, y, args)
     return parts, logits_adv, torch.get_rng_state()
 
 
@@ -106,12 +107,12 @@ def test_second_view_attacks_another_augmentation_of_the_same_images():
     args = train.get_args(["--adv-view", "second", *TINY])
     xb, yb, xb2 = second[0]
     seen = []
-    real_pgd = train.pgd
+    real_pgd = step.pgd
     try:
-        train.pgd = lambda net, source, *a, **k: seen.append(source) or real_pgd(net, source, *a, **k)
-        train.train_step(model, model, train.make_optimizer(model, args, False), xb, yb, args, x_second=xb2)
+        step.pgd = lambda net, source, *a, **k: seen.append(source) or real_pgd(net, source, *a, **k)
+        step.train_step(model, model, step.make_optimizer(model, args, False), xb, yb, args, x_second=xb2)
     finally:
-        train.pgd = real_pgd
+        step.pgd = real_pgd
     assert torch.equal(seen[0], xb2)  # the attack starts from the second view
 
 
