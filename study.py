@@ -39,7 +39,7 @@ import train
 from cli import CLIError, Parser, cli, non_negative, on_stop_signals, positive, save_atomic_text
 from data import DATASETS
 from eval import attack_list
-from summary import summarize
+from summary import arm_of, summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -302,7 +302,7 @@ def main(args):
         if not os.path.exists(study_file):
             raise CLIError(f"{args.out} holds no study (no study.json); run the grid first")
         rows = read_rows(rows_file)
-        ran = {r.get("arm", r["loss"]) for r in rows if r["status"] == "ok"}
+        ran = {arm_of(r) for r in rows if r["status"] == "ok"}
         missing = arms.missing_arm(args, ran)
         if missing:
             raise CLIError(f"{missing[0]}: {missing[1]} has no finished run in {args.out}; arms: {','.join(sorted(ran))}")
@@ -323,7 +323,7 @@ def main(args):
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     save_atomic_text(json.dumps({**saved, **recipe(args), "arms": known}, indent=2) + "\n", study_file)
     rows = read_rows(rows_file)
-    done = {(r.get("arm", r["loss"]), r["seed"]) for r in rows if r["status"] == "ok" and (args.val_only or not r.get("val_only"))}
+    done = {(arm_of(r), r["seed"]) for r in rows if r["status"] == "ok" and (args.val_only or not r.get("val_only"))}
     grid = [(arm, seed) for seed in args.seeds for arm in args.arms]  # seed by seed: early pairs to compare
     todo = [g for g in grid if g not in done]
     print(f"study {args.out}: {len(grid)} runs, {len(grid) - len(todo)} finished before, {len(todo)} to run"
