@@ -1,4 +1,5 @@
-"""study.py: a real tiny grid (a failing run, Ctrl-C, resume, skip), bad arguments, and the aggregation arithmetic."""
+"""study.py: a real tiny sweep (a failing run, Ctrl-C, resume, a later test evaluation), bad arguments, and the
+aggregation arithmetic."""
 import json
 import math
 import os
@@ -16,61 +17,80 @@ from test_cli import HERE, TINY, assert_user_error, run_here
 from test_data import make_cifar
 
 
-def study_args(out, data):
-    return ["--losses", "anchor,ce", "--seeds", "0", "--out", out, "--n", "20", "--aa-n", "4", "--",
-            "--data", data, "--epochs", "3", *TINY]
-
-
 def rows(out):
     return [json.loads(line) for line in open(out / "rows.jsonl")]
 
 
-def test_grid_fails_stops_resumes_and_skips(tmp_path, capsys):
+def test_sweep_fails_stops_resumes_then_test_evaluation_reuses_the_checkpoints(tmp_path, capsys):
+    """A 2-arm grid over one flag as a user runs it, validation only: lam0's train.py fails (its checkpoint path is
+    a folder) and the grid goes on; Ctrl-C during lam2 stops it cleanly; the rerun trains lam0 and continues lam2.
+    Then the same study evaluates lam2 on the test set, training nothing again; a changed arm is refused."""
     make_cifar(tmp_path)
-    out = tmp_path / "study"
-    os.makedirs(out / "runs" / "anchor_s0.pt")  # anchor's checkpoint path is a folder: train.py refuses it
+    out = tmp_path / "sweep"
+    shared = ["--seeds", "0", "--out", out, "--", "--data", tmp_path, "--epochs", "3", *TINY]
+    sweep = ["--grid", "lam=0,2", "--val-only", *shared]
+    os.makedirs(out / "runs" / "lam0_s0.pt")  # lam0's checkpoint path is a folder: train.py refuses it
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "study.py"), *map(str, study_args(out, tmp_path))],
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "study.py"), *map(str, sweep)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 60
-    while not (out / "runs" / "ce_s0.pt").exists() and time.time() < deadline:  # ce's first epoch is saved
+    while not (out / "runs" / "lam2_s0.pt").exists() and time.time() < deadline:  # lam2's first epoch is saved
         time.sleep(0.02)
     p.send_signal(signal.SIGINT)  # Ctrl-C: passed on to train.py once, which saves after its step
     stdout, _ = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in stdout, stdout
     assert "rerun the same command" in stdout
     [failed] = rows(out)  # the failure is recorded, the interrupted run is not
-    assert (failed["loss"], failed["status"], failed["stage"]) == ("anchor", "failed", "train")
+    assert (failed["arm"], failed["status"], failed["stage"]) == ("lam0", "failed", "train")
     assert "folder" in failed["error"]
 
-    os.rmdir(out / "runs" / "anchor_s0.pt")
-    r = run_here(study, *study_args(out, tmp_path), capsys=capsys)  # the rerun, in this process: faster
+    os.rmdir(out / "runs" / "lam0_s0.pt")
+    r = run_here(study, *sweep, capsys=capsys)  # the rerun, in this process: faster
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 runs, 0 finished before, 2 to run" in r.stdout
-    console = open(out / "runs" / "ce_s0.console.log").read()
+    assert "2 runs, 0 finished before, 2 to run (validation only)" in r.stdout and "eval.py" not in r.stdout
+    console = open(out / "runs" / "lam2_s0.console.log").read()
     trains = [line for line in console.splitlines() if line.startswith("$ ") and "train.py" in line]
     assert len(trains) == 2 and "--resume" in trains[1] and "resuming" in console  # continued, not restarted
-    done = [row for row in rows(out) if row["status"] == "ok"]
-    assert sorted((row["loss"], row["seed"]) for row in done) == [("anchor", 0), ("ce", 0)]
-    for row in done:
-        assert set(row["accuracy"]) == {"clean", "pgd20", "autoattack"}
-        assert row["n"] == {"clean": 20, "pgd20": 20, "autoattack": 4}
-        assert set(row["autoattack_stages"]) == {"apgd_ce", "apgd_t", "square"}  # from the second evaluation
-        assert 0 <= row["accuracy"]["autoattack"] <= row["accuracy"]["clean"] <= 1
+    val = rows(out)[1:]
+    assert [(x["arm"], x["arm_flags"], x["val_only"], x["accuracy"]) for x in val] == [
+        ("lam0", ["--lam", "0"], True, {}), ("lam2", ["--lam", "2"], True, {})]
+    for row, lam in zip(val, (0, 2)):
+        assert row["train_config"]["lam"] == lam and row["train_config"]["epochs"] == 3 and row["loss"] == "anchor"
         assert row["best_epoch"] in range(1, 4) and len(row["history"]) == 3 and row["train_s"] > 0
-        assert row["train_config"]["loss"] == row["loss"] and row["train_config"]["epochs"] == 3
+        assert all(0 <= h["val_pgd"] <= h["val_clean"] <= 1 for h in row["history"])  # robust needs clean
         assert set(row["data"]["md5"]) >= {"data_batch_1", "test_batch"} and row["torch"] and row["cpu"]
         assert row["threads"] == 1  # the test runs on one thread (conftest.py), and so do the study's children
-        assert row["arm"] == row["loss"] and row["arm_flags"] == ["--loss", row["loss"]] and not row["val_only"]
-    summary = open(out / "summary.md").read()
-    assert "| anchor − ce |" in summary and "failed in train" in summary and " → " in summary  # loss terms
-    assert (out / "summary.svg").read_text().count("<circle") == 2 * 4  # 2 runs x (val PGD + 3 test metrics)
-
+    assert val[0]["history"][0]["second"] > 0  # lam 0: the contrastive term is still measured
+    assert json.loads((out / "study.json").read_text())["arms"] == {"lam0": ["--lam", "0"], "lam2": ["--lam", "2"]}
+    md = (out / "summary.md").read_text()
+    assert "## Validation ranking" in md and "failed in train" in md and " → " in md  # loss terms
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN where pytest itself was started in the background
-    again = run_here(study, *study_args(out, tmp_path), capsys=capsys)
-    assert again.returncode == 0 and "2 finished before, 0 to run" in again.stdout, again.stdout + again.stderr
-    assert len(rows(out)) == 3  # nothing duplicated
+    again = run_here(study, "--val-only", *shared, capsys=capsys)  # no arm named: the study's own
+    assert again.returncode == 0 and "2 runs, 2 finished before, 0 to run" in again.stdout, again.stdout + again.stderr
     assert signal.getsignal(signal.SIGINT) is before  # study.main gave the handlers back
+
+    best = out / "runs" / "lam2_s0.best.pt"
+    kept = (best.stat().st_mtime_ns, best.read_bytes())
+    test = ["--only", "lam2", "--n", "20", "--aa-n", "4", *shared]
+    r = run_here(study, *test, capsys=capsys)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 runs, 0 finished before, 1 to run" in r.stdout and "train.py" not in r.stdout  # nothing trained
+    assert (best.stat().st_mtime_ns, best.read_bytes()) == kept
+    last = rows(out)[-1]
+    assert (last["arm"], last["val_only"], last["val_pgd"]) == ("lam2", False, val[1]["val_pgd"])
+    assert last["n"] == {"clean": 20, "pgd20": 20, "autoattack": 4}
+    assert set(last["autoattack_stages"]) == {"apgd_ce", "apgd_t", "square"}  # from the second evaluation
+    assert 0 <= last["accuracy"]["autoattack"] <= last["accuracy"]["clean"] <= 1
+    md = (out / "summary.md").read_text()
+    assert "## Test set" in md and "| lam2 | 1 |" in md
+    assert (out / "summary.svg").read_text().count("<circle") == 2 + 3  # val PGD of 2 runs, 3 test metrics of 1
+    again = run_here(study, *test, capsys=capsys)
+    assert again.returncode == 0 and "1 runs, 1 finished before, 0 to run" in again.stdout, again.stdout + again.stderr
+    assert len(rows(out)) == 4  # nothing duplicated
+
+    r = run_here(study, "--arm", "lam2=--lam 3", *test[2:], capsys=capsys)
+    assert_user_error(r, "arm lam2", "--lam 2")
+    assert len(rows(out)) == 4
 
 
 @pytest.mark.parametrize("flags,train_flags,words", [
@@ -151,7 +171,9 @@ def test_aggregation_arithmetic(tmp_path):
     assert [r["loss"] for r in study.read_rows(str(tmp_path / "rows.jsonl"))][-2:] == ["trades", "supcon"]
 
 
-def test_grid_names_of_fractions():
+def test_arm_names_of_losses_and_of_fractions():
+    args = study.get_args(["--losses", "anchor,ce", "--out", "x", "--", "--device", "cpu"])  # the short form
+    assert args.arms == {"anchor": ["--loss", "anchor"], "ce": ["--loss", "ce"]}
     args = study.get_args(["--grid", "eps=4/255,8/255", "--out", "x", "--", "--device", "cpu"])
     assert args.arms == {"eps4_255": ["--eps", "4/255"], "eps8_255": ["--eps", "8/255"]}
 
@@ -187,44 +209,6 @@ def test_validation_ranking_and_its_noise(tmp_path, capsys):
     assert run_here(study, "--out", tmp_path, "--summarize", "--compare", "lam3:ce", capsys=capsys).returncode == 0
     md = (tmp_path / "summary.md").read_text()
     assert "| lam3 − ce | +0.0 (no spread over 2 seeds) | +3.5 [" in md[md.index("## Comparisons"):]
-
-
-def test_sweep_on_validation_then_test_evaluation_reuses_the_checkpoints(tmp_path, capsys):
-    """A 2-arm grid over one flag, validation only; then the same study evaluates one arm on the test set,
-    training nothing again; a changed arm is refused."""
-    make_cifar(tmp_path)
-    out = tmp_path / "sweep"
-    shared = ["--", "--data", tmp_path, "--epochs", "2", *TINY]
-    r = run_here(study, "--grid", "lam=0,2", "--val-only", "--seeds", "0", "--out", out, *shared, capsys=capsys)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 runs, 0 finished before, 2 to run (validation only)" in r.stdout and "eval.py" not in r.stdout
-    first = rows(out)
-    assert [(x["arm"], x["arm_flags"], x["val_only"], x["accuracy"]) for x in first] == [
-        ("lam0", ["--lam", "0"], True, {}), ("lam2", ["--lam", "2"], True, {})]
-    assert first[0]["train_config"]["lam"] == 0 and first[1]["train_config"]["lam"] == 2
-    assert all(x["history"][-1]["val_pgd"] <= x["history"][-1]["val_clean"] for x in first)  # robust needs clean
-    assert first[0]["history"][0]["second"] > 0  # lam 0: the contrastive term is still measured
-    assert json.loads((out / "study.json").read_text())["arms"] == {"lam0": ["--lam", "0"], "lam2": ["--lam", "2"]}
-    assert "## Validation ranking" in (out / "summary.md").read_text()
-    best = out / "runs" / "lam2_s0.best.pt"
-    before = (best.stat().st_mtime_ns, open(best, "rb").read())
-    again = run_here(study, "--val-only", "--seeds", "0", "--out", out, *shared, capsys=capsys)  # no arm named
-    assert again.returncode == 0 and "2 runs, 2 finished before, 0 to run" in again.stdout, again.stdout + again.stderr
-
-    r = run_here(study, "--only", "lam2", "--seeds", "0", "--out", out, "--n", "20", "--aa-n", "0", *shared, capsys=capsys)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "1 runs, 0 finished before, 1 to run" in r.stdout and "train.py" not in r.stdout  # nothing trained
-    assert (best.stat().st_mtime_ns, open(best, "rb").read()) == before
-    last = rows(out)[-1]
-    assert (last["arm"], last["val_only"], last["val_pgd"]) == ("lam2", False, first[1]["val_pgd"])
-    assert set(last["accuracy"]) == {"clean", "pgd20"} and last["n"]["clean"] == 20
-    md = (out / "summary.md").read_text()
-    assert "## Test set" in md and "| lam2 | 1 |" in md
-
-    r = run_here(study, "--arm", "lam2=--lam 3", "--seeds", "0", "--out", out, "--n", "20", "--aa-n", "0", *shared,
-                 capsys=capsys)
-    assert_user_error(r, "arm lam2", "--lam 2")
-    assert len(rows(out)) == 3
 
 
 def test_a_finished_checkpoint_is_reused_only_for_its_own_recipe(tmp_path):
