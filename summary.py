@@ -143,9 +143,14 @@ def curves(runs, arms):
 
 
 def every_run(rows):
+    """A line per run (its last finished row: a validation-only row is replaced by the same run's test evaluation),
+    and one per failed attempt."""
+    shown = latest(rows)
     lines = ["| arm | seed | status | best epoch | val clean | val PGD | " + " | ".join(n for _, n in TEST_METRICS)
              + " | train min | CE term | second term |", "|---" * (9 + len(TEST_METRICS)) + "|"]
     for r in rows:
+        if r["status"] == "ok" and shown[(arm_of(r), r["seed"])] is not r:
+            continue
         if r["status"] == "ok":
             e = epochs_of(r)
             trend = [f"{e[0][k]:.3f} → {e[-1][k]:.3f}" if e else "–" for k in ("ce", "second")]

@@ -199,6 +199,8 @@ def test_validation_ranking_and_its_noise(tmp_path, capsys):
     p = (0.30 + 0.32 + 0.33 + 0.36) / 4  # the binomial standard error of one run's val PGD on 1000 images
     assert f"standard error of {100 * math.sqrt(p * (1 - p) / 1000):.1f} points" in ranking
     assert "## Test set" in md and "| ce | 1 | 50.0 |" in md  # only the evaluated run
+    every = md[md.index("## Every run"):]
+    assert every.count("| ce | 0 |") == 1 and "| ce | 0 | ok | 3 | 50.0 | 30.0 | 50.0 | 25.0 |" in every  # once, tested
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert_user_error(run_here(study, "--out", tmp_path, "--summarize", "--reference", "nope", capsys=capsys),
                       "--reference", "nope")
