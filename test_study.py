@@ -55,7 +55,8 @@ def test_sweep_fails_stops_resumes_then_test_evaluation_reuses_the_checkpoints(t
     assert [(x["arm"], x["arm_flags"], x["val_only"], x["accuracy"]) for x in val] == [
         ("lam0", ["--lam", "0"], True, {}), ("lam2", ["--lam", "2"], True, {})]
     for row, lam in zip(val, (0, 2)):
-        assert row["train_config"]["lam"] == lam and row["train_config"]["epochs"] == 3 and row["loss"] == "anchor"
+        assert row["train_config"]["lam"] == lam and row["train_config"]["epochs"] == 3
+        assert row["loss"] == row["train_config"]["loss"] == "anchor"
         assert row["best_epoch"] in range(1, 4) and len(row["history"]) == 3 and row["train_s"] > 0
         assert all(0 <= h["val_pgd"] <= h["val_clean"] <= 1 for h in row["history"])  # robust needs clean
         assert set(row["data"]["md5"]) >= {"data_batch_1", "test_batch"} and row["torch"] and row["cpu"]
@@ -78,6 +79,7 @@ def test_sweep_fails_stops_resumes_then_test_evaluation_reuses_the_checkpoints(t
     assert (best.stat().st_mtime_ns, best.read_bytes()) == kept
     last = rows(out)[-1]
     assert (last["arm"], last["val_only"], last["val_pgd"]) == ("lam2", False, val[1]["val_pgd"])
+    assert set(last["accuracy"]) == {"clean", "pgd20", "autoattack"}
     assert last["n"] == {"clean": 20, "pgd20": 20, "autoattack": 4}
     assert set(last["autoattack_stages"]) == {"apgd_ce", "apgd_t", "square"}  # from the second evaluation
     assert 0 <= last["accuracy"]["autoattack"] <= last["accuracy"]["clean"] <= 1
