@@ -38,19 +38,21 @@ def get_args(argv=None):
     p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--batch-size", type=cli.positive(int), default=None, help="images per step (default 512 on CUDA, 32 on the CPU)")
     p.add_argument("--arch", type=str, default="resnet18", help="model.py's architecture name, e.g. preact-resnet18, wrn-34-10")
-    p.add_argument("--width", type=cli.positive(int), default=None, help="ResNet base width (default 64 on CUDA, 8 on the CPU); a WRN's name gives its own")
+    p.add_argument("--width", type=cli.positive(int), default=None, help="ResNet base width (default 64 on CUDA, 8 on the CPU); not for a WRN, whose name gives its own")
     p.add_argument("--steps", type=cli.positive(int), default=10, help="PGD steps of the training attack")
     p.add_argument("--variants", type=str, default=None, help=f"comma-separated subset of {','.join(VARIANTS)} (default: {','.join(DEFAULTS['cuda'])} on CUDA, {','.join(DEFAULTS['cpu'])} on the CPU)")
     p.add_argument("--losses", type=str, default="ce,anchor", help="comma-separated train.py --loss values")
     p.add_argument("--warmup", type=cli.non_negative(int), default=None, help="untimed steps first (default 10 on CUDA, 2 on the CPU; compile needs them)")
     p.add_argument("--iters", type=cli.positive(int), default=None, help="timed steps (default 30 on CUDA, 5 on the CPU)")
-    p.add_argument("--json", type=str, default=None, help="write the table to this JSON file")
+    p.add_argument("--json", type=cli.new_file_path, default=None, help="write the table to this JSON file")
     args = p.parse_args(argv)
     args.amp = False
     try:
         args.is_wrn = arch_key(args.arch) == "wrn-D-K"  # a WRN's name gives its widths: no --width for it
     except ValueError as e:
         p.error(f"argument --arch: {str(e).removeprefix('model config: ')}")
+    if args.is_wrn and args.width is not None:
+        p.error(f"argument --width: {args.arch} gives its own widths; drop --width")
     cli.resolve_device(p, args)
     cuda = args.device == "cuda"
     args.batch_size = args.batch_size or (512 if cuda else 32)

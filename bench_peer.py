@@ -94,7 +94,7 @@ def get_args(argv=None):
     p.add_argument("--repeats", type=cli.positive(int), default=3, help="alternating measurements of each")
     p.add_argument("--losses", type=str, default="ce,anchor", help="train.py losses to time (ce is the one compared)")
     p.add_argument("--train-flags", type=str, default="", help="extra train.py flags, e.g. '--no-channels-last'")
-    p.add_argument("--json", type=str, default=None, help="write the figures to this JSON file")
+    p.add_argument("--json", type=cli.new_file_path, default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
     args.train_flags = args.train_flags.split()
     args.losses = args.losses.split(",")

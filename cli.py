@@ -1,8 +1,8 @@
 """Command-line plumbing shared by train.py, eval.py, bench.py and study.py, kept apart so those read as what they do.
 
 One-line errors with exit status 2 (`CLIError`, `Parser`, `cli`), argument types (`eps_type`, `positive`,
-`non_negative`), atomic writes, checkpoint loading, the hand-written SVG plot, the live progress line and the
-scope of a Ctrl-C/SIGTERM handler (`on_stop_signals`).
+`non_negative`, `seed_type`, `file_path`, `new_file_path`), atomic writes, checkpoint loading, the hand-written SVG
+plot, the live progress line and the scope of a Ctrl-C/SIGTERM handler (`on_stop_signals`).
 """
 import argparse
 import contextlib
@@ -68,17 +68,49 @@ def resolve_device(parser, args):
         parser.error("argument --amp: bf16 autocast is for --device cuda; drop --amp on the CPU")
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+def seed_type(text):
+    """An argparse type: a random seed, an integer in [0, 2**32) (larger ones overflow torch's generators once the
+    data order adds to them)."""
+    seed = int(text)
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"seed {text} is outside [0, 2**32)")
+    return seed
+
+
+def file_path(text):
+    """An argparse type: a file to write, not a folder (checked at parse time, not after the work is done)."""
+    if not text or text.endswith(("/", os.sep)) or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder or empty; name the file, e.g. "
+                                         f"{os.path.join(text or '.', 'NAME')}")
+    return text
+
+
+def new_file_path(text):
+    """file_path, in a folder that exists (for outputs whose tool does not create folders)."""
+    file_path(text)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(text))):
+        raise argparse.ArgumentTypeError(f"{os.path.dirname(text)} is not a folder; create it, or name a file in one")
+    return text
+
+
+def save_atomic(obj, path, write=torch.save):
+    """Write to a temporary file, flush it to disk, then rename: neither a crash nor a second Ctrl-C leaves a
+    half-written file at `path` (nor the temporary one)."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_atomic_text(text, path):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    save_atomic(text.encode(), path, write=lambda data, f: f.write(data))
 
 
 def to_cpu(obj):

@@ -23,6 +23,7 @@ paired by seed. OUT holds:
     summary.svg   val PGD and the test accuracies: a point per seed, the mean marked
     runs/         each run's checkpoints (.pt, not for git), log (.jsonl), curves (.svg), console output, eval JSON
 """
+import argparse
 import hashlib
 import json
 import os
@@ -36,12 +37,14 @@ import torch
 import arms
 import resume
 import train
-from cli import CLIError, Parser, cli, non_negative, on_stop_signals, positive, save_atomic_text
+from cli import CLIError, Parser, cli, non_negative, on_stop_signals, positive, save_atomic_text, seed_type
 from data import DATASETS
 from eval import attack_list
 from summary import arm_of, summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SUMMARY_FLAGS = {"--summarize", "--out", "--reference", "--compare"}
+EVAL_FLAGS = {"--n", "--attacks", "--aa-n", "--eval-batch-size"}  # the test evaluation's settings
 
 
 def get_args(argv=None):
@@ -75,14 +78,24 @@ def get_args(argv=None):
     if bad is not None:
         p.error(f"argument --compare: {bad!r} is not ARM:REF with two different arms, e.g. anchor:anchor_lam0")
     args.compare = [tuple(pair) for pair in pairs]
-    if args.summarize:
+    typed = arms.flag_names(own)
+    if args.summarize:  # only the rows are read: any other flag would be silently ignored
+        other = next((f for f in typed if f not in SUMMARY_FLAGS), "the train.py flags after --" if train_flags else None)
+        if other:
+            p.error(f"argument --summarize: rewrites the summary from rows.jsonl alone; drop {other} (only "
+                    f"{', '.join(sorted(SUMMARY_FLAGS - {'--summarize'}))} apply)")
         return args
+    if args.val_only:
+        other = next((f for f in typed if f in EVAL_FLAGS), None)
+        if other:
+            p.error(f"argument {other}: --val-only evaluates nothing on the test set; drop {other} (give it to the "
+                    "later invocation that evaluates)")
     args.arms = arms.define(args.losses, args.arm, args.grid)  # none: the stored ones, or the four losses
     args.only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only is not None else None
     try:
-        args.seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        p.error(f"argument --seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. 0,1,2")
+        args.seeds = [seed_type(s) for s in args.seeds.split(",")]
+    except (ValueError, argparse.ArgumentTypeError):
+        p.error(f"argument --seeds: {args.seeds!r} is not a comma-separated list of integers in [0, 2**32), e.g. 0,1,2")
     if len(set(args.seeds)) < len(args.seeds):
         p.error(f"argument --seeds: {args.seeds} repeats a seed")
     if args.aa_n > args.n:
@@ -120,7 +133,8 @@ def cpu_name():
 def recipe(args):
     """What makes two invocations the same study (arms and seeds may grow; an arm keeps its flags). The test
     evaluation's settings count from the first invocation that evaluates: a validation-only sweep fixes none."""
-    evaluation = {} if args.val_only else {"n": args.n, "attacks": args.attacks, "aa_n": args.aa_n}
+    evaluation = {} if args.val_only else {"n": args.n, "attacks": args.attacks, "aa_n": args.aa_n,
+                                           "eval_batch_size": args.eval_batch_size}  # random starts are drawn per batch
     return {"train_flags": args.train_flags, **evaluation}
 
 
@@ -318,7 +332,7 @@ def main(args):
     known = arms.settle(args, saved)  # every arm's flags judged by train.py, before any run
     fits = {(a.limit, a.val, a.batch_size): a for a in args.parsed.values()}
     for parsed in fits.values():  # --data, --limit, --val and --batch-size fit every arm, before any run
-        train.training_data(parsed, download=False)
+        train.training_data(parsed, download=True)  # fetched by the first, as train.py would
     data = data_copy(args.train.data, args.train.dataset)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     save_atomic_text(json.dumps({**saved, **recipe(args), "arms": known}, indent=2) + "\n", study_file)

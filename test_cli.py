@@ -16,7 +16,8 @@ import eval as eval_cli
 import step
 import train
 from attacks import apgd, cw_l2, fgsm, pgd, square
-from cli import json_safe
+import cli
+from cli import CLIError, json_safe
 from conftest import synthetic_images
 from test_data import make_cifar
 
@@ -115,6 +116,17 @@ def test_eval_json(trained, tmp_path, monkeypatch, capsys):
         assert name in r.stdout
 
 
+def test_eps_sweep_warning_reaches_the_json(trained, tmp_path, monkeypatch, capsys):
+    root, out, _ = trained
+    monkeypatch.setattr(eval_cli, "eps_sweep", lambda model, x, y, args: [[0.0, 0.6], [32 / 255, 0.2]])
+    j = tmp_path / "e.json"
+    r = run_here(eval_cli, out, "--data", root, "--n", 10, "--attacks", "clean", "--device", "cpu", "--json", j,
+                 "--eps-sweep", capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    [warning] = json.loads(j.read_text())["warnings"]
+    assert "20.0% accuracy remains at eps 32/255" in warning and f"warning: {warning}" in r.stdout
+
+
 def test_eval_subset_and_cw_l2_json_equals_robustness(trained, tmp_path, monkeypatch, capsys):
     """--n 10 and cw_l2 in the JSON; the JSON holds robustness()'s dict as it is, for the model and images the
     CLI loads (the CLI adds its metadata only)."""
@@ -211,8 +223,9 @@ def test_existing_checkpoint_is_never_overwritten(trained, capsys):
         assert md5(best) == before_best
     finally:
         (root / "run" / "gone.pt").rename(out)
-    r = run_here(train, "--data", root, "--out", root / "run", *TINY, capsys=capsys)
-    assert_user_error(r, "--out", "folder")
+    for folder in (root / "run", f"{root / 'new'}{os.sep}", ""):  # an existing folder, a folder's name, nothing
+        assert_user_error(run_here(train, "--data", root, "--out", folder, *TINY, capsys=capsys), "--out", "folder")
+    assert_user_error(run_here(train, "--data", root, "--seed", 2**32, *TINY, capsys=capsys), "--seed", "2**32")
 
 
 @pytest.mark.parametrize("flags,words", [
@@ -240,6 +253,24 @@ def test_missing_data_without_network(tmp_path, capsys):
     r = run("train.py", "--data", tmp_path / "nowhere", "--out", tmp_path / "x.pt", *TINY)
     assert_user_error(r, "by hand", "--data")
     assert not (tmp_path / "x.pt").exists()
+    import study  # it fetches the data as train.py would, and says what a user of the CLI can do
+    r = run_here(study, "--out", tmp_path / "s", "--", "--data", tmp_path / "nowhere", *TINY, capsys=capsys)
+    assert_user_error(r, "by hand", "--data")
+    assert "download=True" not in r.stderr and not (tmp_path / "s").exists()
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    cli.save_atomic({"epoch": 1}, path)
+
+    def interrupted(obj, f):  # a second Ctrl-C (or a full disk) in the middle of the write
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        cli.save_atomic({"epoch": 2}, path, write=interrupted)
+    assert torch.load(path, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
+    cli.save_atomic_text("é\n", path)
+    assert open(path, encoding="utf-8").read() == "é\n" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_eval_bad_checkpoints(trained, tmp_path, capsys):
@@ -270,7 +301,8 @@ def test_eval_bad_checkpoints(trained, tmp_path, capsys):
         assert_user_error(r, path.name, word)
     for flags, word in ((["--eps", "-1"], "--eps"), (["--n", "0"], "--n"), (["--batch-size", "0"], "--batch-size"),
                         (["--attacks", "clean,bogus"], "bogus"), (["--alpha", "0"], "--alpha"),
-                        (["--json", tmp_path / "no" / "x.json"], "--json"), (["--json", out], "--json")):
+                        (["--json", tmp_path / "no" / "x.json"], "--json"), (["--json", out], "--json"),
+                        (["--json", tmp_path], "folder"), (["--json", ""], "--json"), (["--seed", "-1"], "--seed")):
         assert_user_error(run_here(eval_cli, out, "--data", root, *flags, capsys=capsys), word)
 
 
@@ -307,6 +339,9 @@ def test_bench_runs_the_training_step(tmp_path):
     table = json.loads(j.read_text())
     assert [(r["loss"], r["precision"]) for r in table["rows"]] == [("ce", "fp32"), ("anchor", "fp32")]  # the CPU's
     assert all(r["images_per_s"] > 0 for r in table["rows"])
+    for flags, word in ((["--arch", "wrn-16-2", "--width", "8"], "--width"), (["--json", tmp_path / "no" / "b.json"], "no")):
+        with pytest.raises(CLIError, match=word):  # refused before any step, not ignored or lost after the run
+            bench.get_args(["--device", "cpu", *map(str, flags)])
 
 
 def test_lr_schedule():

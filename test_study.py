@@ -98,7 +98,11 @@ def test_sweep_fails_stops_resumes_then_test_evaluation_reuses_the_checkpoints(t
 @pytest.mark.parametrize("flags,train_flags,words", [
     (["--losses", "ce,bogus"], [], ["--losses", "bogus"]),
     (["--losses", "ce,ce"], [], ["--losses"]),
-    (["--seeds", "0,x"], [], ["--seeds", "integers"]),
+    (["--seeds", "0,x"], [], ["--seeds", "integers"]), (["--seeds", "0,4294967296"], [], ["--seeds", "2**32"]),
+    (["--val-only", "--n", "100"], [], ["--n", "--val-only", "drop --n"]),  # it would be ignored
+    (["--val-only", "--eval-batch-size=64"], [], ["--eval-batch-size", "--val-only"]),
+    (["--summarize", "--losses", "ce"], [], ["--summarize", "drop --losses"]),
+    (["--summarize"], ["--epochs", "2"], ["--summarize", "train.py flags after --"]),
     (["--aa-n", "30", "--n", "20"], [], ["--aa-n"]),
     ([], ["--seed", "3"], ["--seed", "study.py sets"]),
     ([], ["--epochs", "0"], ["train.py flags", "--epochs"]),
@@ -134,6 +138,11 @@ def test_other_recipe_in_the_same_folder_is_refused(tmp_path, capsys):
                                                           "attacks": ["clean", "pgd20"], "aa_n": 500}))
     r = run_here(study, "--out", tmp_path / "s", "--", "--data", tmp_path, *TINY, capsys=capsys)
     assert_user_error(r, "train_flags", "another --out")
+    tiny = ["--data", str(tmp_path), *map(str, TINY)]  # the evaluation's batch size sets the attacks' random starts
+    (tmp_path / "s" / "study.json").write_text(json.dumps({"train_flags": tiny, "n": 2000, "attacks": ["clean", "pgd20"],
+                                                          "aa_n": 500, "eval_batch_size": 500}))
+    r = run_here(study, "--out", tmp_path / "s", "--eval-batch-size", "250", "--", *tiny, capsys=capsys)
+    assert_user_error(r, "eval_batch_size", "another --out")
 
 
 def fake_row(loss, seed, clean, pgd, aa=None, status="ok", val_pgd=0.3):

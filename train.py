@@ -25,8 +25,8 @@ import torch
 import ddp
 import resume
 from attacks import pgd
-from cli import (CLIError, Parser, Progress, cli, eps_type, json_safe, non_negative, on_stop_signals, positive,
-                 resolve_device, save_atomic, save_atomic_text, svg_plot)
+from cli import (CLIError, Parser, Progress, cli, eps_type, file_path, json_safe, non_negative, on_stop_signals,
+                 positive, resolve_device, save_atomic, save_atomic_text, seed_type, svg_plot)
 from data import DATASETS, DataError, batches, load_dataset, split_train_val
 from model import arch_key, build_model
 from step import lr_at, make_optimizer, train_step, unused_flag
@@ -58,7 +58,7 @@ def parser():
     p.add_argument("--adv-view", type=str, default="same", choices=("same", "second"),
                    help="what the adversarial view is made from (anchor, supcon): the augmented image itself, or a "
                    "second, independent augmentation of it (as SupCon's two views)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, PGD starts, init)")
+    p.add_argument("--seed", type=seed_type, default=0, help="random seed (data order, augmentation, PGD starts, init)")
     p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for training (CUDA only); validation stays float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -68,7 +68,7 @@ def parser():
     p.add_argument("--arch", type=str, default="resnet18", help="resnet18, preact-resnet18, wrn-34-10, wrn-28-10 or any wrn-DEPTH-WIDEN")
     p.add_argument("--width", type=positive(int), default=64, help="base width of resnet18 / preact-resnet18 (64 = the standard model; 16 for quick CPU runs); a WRN's name gives its width")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the global batch (default: each process's own)")
-    p.add_argument("--out", type=str, default="ckpt.pt", help="checkpoint path; the log, plot and best checkpoint go beside it")
+    p.add_argument("--out", type=file_path, default="ckpt.pt", help="checkpoint path; the log, plot and best checkpoint go beside it")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     return p
 
@@ -92,8 +92,6 @@ def get_args(argv=None):
         is_wrn = arch_key(args.arch) == "wrn-D-K"
     except ValueError as e:
         p.error(f"argument --arch: {str(e).removeprefix('model config: ')}")
-    if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
-        p.error(f"argument --out: {args.out} is a folder; name the checkpoint file, e.g. {os.path.join(args.out, 'ckpt.pt')}")
     resolve_device(p, args)
     if args.channels_last is None:  # NHWC pays on CUDA; on the CPU, NCHW is the safe layout (see --help)
         args.channels_last = args.device == "cuda"
