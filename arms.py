@@ -8,15 +8,11 @@ import re
 import shlex
 
 import train
-from cli import CLIError
+from cli import CLIError, flag_names
 
 STUDY_FLAGS = {"--seed", "--out", "--resume"}  # study.py sets these for every run
 SHARED_ONLY = {"data", "dataset", "device"}  # the data and device every arm is evaluated on: after -- only
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*$")  # an arm's name is part of its file names
-
-
-def flag_names(flags):
-    return [f.split("=")[0] for f in flags if f.startswith("--")]
 
 
 def define(losses, arm_texts, grid_texts):

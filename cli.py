@@ -68,6 +68,11 @@ def resolve_device(parser, args):
         parser.error("argument --amp: bf16 autocast is for --device cuda; drop --amp on the CPU")
 
 
+def flag_names(argv):
+    """The --flags typed in a command line, without their =values (--eps=0.03 -> --eps)."""
+    return [t.split("=")[0] for t in argv if t.startswith("--")]
+
+
 def seed_type(text):
     """An argparse type: a random seed, an integer in [0, 2**32) (larger ones overflow torch's generators once the
     data order adds to them)."""

@@ -369,9 +369,10 @@ def main(args):
         result = robustness(model, x, y, args.attacks, args.eps, args.alpha, args.batch_size, args.seed)
         if args.eps_sweep:
             result["eps_sweep"] = eps_sweep(model, x, y, args)
-            if result["eps_sweep"][-1][1] > 0.05:  # in the JSON's warnings too, as the sanity checks are
-                result["warnings"].append(f"{result['eps_sweep'][-1][1]:.1%} accuracy remains at eps 32/255: it "
-                                          "should fall to ~0 at large eps; otherwise suspect gradient masking")
+            left = result["eps_sweep"][-1][1]  # accuracy at eps 32/255
+            if left > 0.05:  # in the JSON's warnings too, as the sanity checks are
+                result["warnings"].append(f"{left:.1%} accuracy remains at eps 32/255: it should fall to ~0 at "
+                                          "large eps; otherwise suspect gradient masking")
                 print(f"warning: {result['warnings'][-1]}")
     hardware = torch.cuda.get_device_name(args.device) if args.device == "cuda" else "cpu"
     result.update(checkpoint=args.ckpt, loss=train_cfg.get("loss"), epoch=ckpt["epoch"], device=hardware,

@@ -37,7 +37,7 @@ import torch
 import arms
 import resume
 import train
-from cli import CLIError, Parser, cli, non_negative, on_stop_signals, positive, save_atomic_text, seed_type
+from cli import CLIError, Parser, cli, flag_names, non_negative, on_stop_signals, positive, save_atomic_text, seed_type
 from data import DATASETS
 from eval import attack_list
 from summary import arm_of, summarize
@@ -78,7 +78,7 @@ def get_args(argv=None):
     if bad is not None:
         p.error(f"argument --compare: {bad!r} is not ARM:REF with two different arms, e.g. anchor:anchor_lam0")
     args.compare = [tuple(pair) for pair in pairs]
-    typed = arms.flag_names(own)
+    typed = flag_names(own)
     if args.summarize:  # only the rows are read: any other flag would be silently ignored
         other = next((f for f in typed if f not in SUMMARY_FLAGS), "the train.py flags after --" if train_flags else None)
         if other:
@@ -100,7 +100,7 @@ def get_args(argv=None):
         p.error(f"argument --seeds: {args.seeds} repeats a seed")
     if args.aa_n > args.n:
         p.error(f"argument --aa-n: {args.aa_n} is more than --n {args.n}; AutoAttack runs on a subset of those images")
-    taken = [f for f in arms.flag_names(train_flags) if f in arms.STUDY_FLAGS]
+    taken = [f for f in flag_names(train_flags) if f in arms.STUDY_FLAGS]
     if taken:
         p.error(f"train.py flag {taken[0]}: study.py sets --seed, --out and --resume itself; drop it")
     try:  # train.py's own parser judges the shared flags now, not hours into the grid

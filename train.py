@@ -25,8 +25,8 @@ import torch
 import ddp
 import resume
 from attacks import pgd
-from cli import (CLIError, Parser, Progress, cli, eps_type, file_path, json_safe, non_negative, on_stop_signals,
-                 positive, resolve_device, save_atomic, save_atomic_text, seed_type, svg_plot)
+from cli import (CLIError, Parser, Progress, cli, eps_type, file_path, flag_names, json_safe, non_negative,
+                 on_stop_signals, positive, resolve_device, save_atomic, save_atomic_text, seed_type, svg_plot)
 from data import DATASETS, DataError, batches, load_dataset, split_train_val
 from model import arch_key, build_model
 from step import lr_at, make_optimizer, train_step, unused_flag
@@ -78,7 +78,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     # Which flags the user typed (not defaults): a flag the loss ignores is refused, and --resume refuses those
     # that contradict the checkpoint.
-    typed = {t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")}
+    typed = set(flag_names(sys.argv[1:] if argv is None else argv))
     args.explicit = {a.dest for a in p._actions if typed & set(a.option_strings)}
     flag = unused_flag(args.loss, args.explicit)
     if flag:
