@@ -4,12 +4,16 @@
     python bench.py --device cpu             # a tiny configuration, well under a minute
     python bench.py --arch wrn-34-10         # another architecture (model.py's names)
     python bench.py --json bench.json
+    python bench.py --variants bf16+channels_last --trace traces/   # + a profiled step of each loss
 
 The step is step.py's `train_step`, the one train.py runs (imported, not copied). Each figure is the median
 over timed steps after warm-up, with the device synchronized around every timed step; the data are random
 images on the device, since the content does not change the work.
 """
+import gzip
 import json
+import os
+import platform
 import statistics
 import time
 
@@ -20,17 +24,19 @@ import step
 import train
 from model import arch_key
 
-# name -> extra train.py flags
+# name -> extra train.py flags. Without bf16, CUDA runs what train.py runs: TF32 convolutions (cuDNN's default)
+# and float32 matmuls; the table's header says so.
 VARIANTS = {
     "fp32": ["--no-channels-last"],
-    "channels_last": ["--channels-last"],  # train.py's default on CUDA
+    "channels_last": ["--channels-last"],
     "bf16": ["--amp", "--no-channels-last"],
     "bf16+channels_last": ["--amp", "--channels-last"],
     "bf16+channels_last+compile": ["--amp", "--channels-last", "--compile"],
-    "fp32+compile": ["--no-channels-last", "--compile"],  # for the CPU, where bf16 autocast is refused
+    "fp32+compile": ["--no-channels-last", "--compile"],
+    "channels_last+compile": ["--channels-last", "--compile"],
 }
 DEFAULTS = {"cuda": ["fp32", "channels_last", "bf16", "bf16+channels_last", "bf16+channels_last+compile"],
-            "cpu": ["fp32"]}  # channels_last on the CPU only when asked: oneDNN's AVX2 NHWC kernels crash at small widths
+            "cpu": ["fp32", "channels_last", "bf16", "bf16+channels_last"]}
 
 
 def get_args(argv=None):
@@ -45,6 +51,8 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=cli.non_negative(int), default=None, help="untimed steps first (default 10 on CUDA, 2 on the CPU; compile needs them)")
     p.add_argument("--iters", type=cli.positive(int), default=None, help="timed steps (default 30 on CUDA, 5 on the CPU)")
     p.add_argument("--json", type=cli.new_file_path, default=None, help="write the table to this JSON file")
+    p.add_argument("--trace", type=str, default=None, help="also profile one step of each row into this folder: "
+                   "a Chrome trace (.json.gz) and the top ops with the step's host syncs (.txt)")
     args = p.parse_args(argv)
     args.amp = False
     try:
@@ -60,12 +68,12 @@ def get_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     args.iters = args.iters or (30 if cuda else 5)
     args.variants = args.variants.split(",") if args.variants else DEFAULTS[args.device]
+    if args.variants is DEFAULTS["cpu"] and not args.is_wrn and args.width < 8:  # oneDNN's AVX2 NHWC kernels crash
+        args.variants = [v for v in args.variants if "channels_last" not in v]
     args.losses = args.losses.split(",")
     for v in args.variants:
         if v not in VARIANTS:
             p.error(f"argument --variants: unknown {v!r}; choose from {','.join(VARIANTS)}")
-        if "bf16" in v and not cuda:
-            p.error(f"argument --variants: {v} needs --device cuda (bf16 autocast is for CUDA)")
     for loss in args.losses:
         if loss not in train.LOSSES:
             p.error(f"argument --losses: unknown {loss!r}; choose from {','.join(train.LOSSES)}")
@@ -78,7 +86,7 @@ def sync(device):
 
 
 def measure(loss, variant, args):
-    """Median images/s of step.train_step for one loss and one precision variant."""
+    """(median images/s, host syncs in a profiled step or None) of step.train_step for one loss and variant."""
     width = [] if args.is_wrn else ["--width", str(args.width)]
     targs = train.get_args(["--loss", loss, "--device", args.device, "--batch-size", str(args.batch_size),
                             "--arch", args.arch, *width, "--steps", str(args.steps)] + VARIANTS[variant])
@@ -96,26 +104,69 @@ def measure(loss, variant, args):
         sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    return args.batch_size / statistics.median(times)
+    syncs = None
+    if args.trace:
+        syncs = profile(lambda: step.train_step(model, net, opt, x, y, targs), device,
+                        os.path.join(args.trace, f"{loss}_{variant}"))
+    return args.batch_size / statistics.median(times), syncs
+
+
+def profile(run_step, device, path):
+    """Profile one call of run_step: a Chrome trace at path.json.gz and path.txt with the ops that took the most
+    time and the count of host syncs (aten::_local_scalar_dense is .item(), bool() or int() of a device tensor).
+    Returns that count."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run_step()
+        sync(device)
+    prof.export_chrome_trace(path + ".json")
+    with open(path + ".json", "rb") as f, gzip.open(path + ".json.gz", "wb") as g:
+        g.write(f.read())
+    os.remove(path + ".json")
+    ops = prof.key_averages()
+    syncs = sum(e.count for e in ops if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize",
+                                                   "cudaDeviceSynchronize"))
+    order = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    cli.save_atomic_text(f"host syncs in the step: {syncs}\n" + ops.table(sort_by=order, row_limit=30) + "\n",
+                         path + ".txt")
+    return syncs
+
+
+def cpu_name():
+    """The CPU's model name (Linux), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU"
 
 
 def main(args):
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    torch.backends.cudnn.benchmark = True  # as train.py sets it (CUDA only)
+    if device.type == "cuda":
+        name = f"{torch.cuda.get_device_name(device)}; non-bf16 variants run TF32 convolutions (cuDNN's default)"
+    else:
+        name = f"{cpu_name()} ({torch.get_num_threads()} threads)"
     model = args.arch if args.is_wrn else f"{args.arch} width {args.width}"
     print(f"{name} | torch {torch.__version__} | {model} | batch {args.batch_size} | "
           f"PGD-{args.steps} | median of {args.iters} steps after {args.warmup}")
-    print(f"{'loss':<8} {'precision':<28} {'images/s':>9} {'vs ce':>7}")
+    print(f"{'loss':<8} {'precision':<28} {'images/s':>9} {'vs ce':>7}" + ("  host syncs" if args.trace else ""))
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)
     rows = []
     for variant in args.variants:
         base = None
         for loss in args.losses:
-            rate = measure(loss, variant, args)
+            rate, syncs = measure(loss, variant, args)
             base = rate if loss == "ce" else base
             overhead = f"{base / rate - 1:+7.1%}" if base and loss != "ce" else ""
-            print(f"{loss:<8} {variant:<28} {rate:9.1f} {overhead:>7}", flush=True)
+            print(f"{loss:<8} {variant:<28} {rate:9.1f} {overhead:>7}" + (f"  {syncs:10d}" if args.trace else ""),
+                  flush=True)
             rows.append({"loss": loss, "precision": variant, "images_per_s": rate,
-                         "time_vs_ce": base / rate if base else None})
+                         "time_vs_ce": base / rate if base else None, "host_syncs": syncs})
     if args.json:
         table = {"device": name, "torch": torch.__version__, "batch_size": args.batch_size, "arch": args.arch, "width": args.width,
                  "pgd_steps": args.steps, "warmup": args.warmup, "iters": args.iters, "rows": rows}

@@ -59,13 +59,11 @@ def non_negative(kind):
 
 
 def resolve_device(parser, args):
-    """--device defaults to cuda when available; --amp is bf16 autocast on CUDA only."""
+    """--device defaults to cuda when available."""
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda is not available on this machine; use --device cpu")
-    if args.amp and args.device != "cuda":
-        parser.error("argument --amp: bf16 autocast is for --device cuda; drop --amp on the CPU")
 
 
 def flag_names(argv):

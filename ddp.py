@@ -85,6 +85,35 @@ def any_rank(flag, world, device):
     return bool(t)
 
 
+class Leave:
+    """Whether the epoch's loop should end after this step: a stop signal, or a non-finite running loss. In one
+    process the signal is read every step and the loss (a host sync) only when `refreshed` (the progress bar's
+    occasional refresh). Under torchrun every rank must leave at the same step, whichever rank saw the signal:
+    each step's vote is all-reduced on the device and read one step later, when it has long finished, so agreeing
+    never stalls the device; the ranks leave one step after the step that asked."""
+
+    def __init__(self, world, device):
+        self.world, self.device, self.last = world, device, None
+
+    def __call__(self, stop, loss, refreshed):
+        if self.world == 1:
+            return bool(stop) or (refreshed and not bool(torch.isfinite(loss)))
+        vote = (~torch.isfinite(loss) | bool(stop)).float().reshape(1)  # (1,) on the device, no host sync
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        cuda = vote.device.type == "cuda"
+        host = torch.empty(1, pin_memory=cuda)
+        host.copy_(vote, non_blocking=cuda)
+        done = torch.cuda.Event() if cuda else None
+        if cuda:
+            done.record()
+        previous, self.last = self.last, (host, done)
+        if previous is None:
+            return False
+        if previous[1] is not None:
+            previous[1].synchronize()  # the previous step's vote: finished long ago
+        return bool(previous[0])
+
+
 def all_sum(t, world):
     """t summed over ranks, in place."""
     if world > 1:
@@ -92,12 +121,16 @@ def all_sum(t, world):
     return t
 
 
-def wrap(net, device, world):
-    """What the training update calls: net, inside DistributedDataParallel under torchrun. Build it anew after
-    every new optimizer: DDP waits for gradients of exactly the parameters that require them at construction."""
+def wrap(model, net, device, world, compile=False):
+    """What the training update calls: `net` (the model or its compiled wrapper) in one process; under torchrun
+    DistributedDataParallel around the model, compiled after wrapping with --compile: the order PyTorch documents
+    for compiled DDP, whose graph is split at the gradient buckets so that each all-reduce overlaps the rest of the
+    backward. Build it anew after every new optimizer: DDP waits for gradients of exactly the parameters that
+    require them at construction."""
     if world == 1:
         return net
-    return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(wrapped, dynamic=False) if compile else wrapped
 
 
 def share_buffers(model, world):

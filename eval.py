@@ -84,7 +84,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=positive(int), default=500, help="images per attack batch")
     p.add_argument("--json", type=new_file_path, default=None, help="write the numbers to this JSON file")
     p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only); the default is float32")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast; the default is float32")
     p.add_argument("--eps-sweep", action="store_true", help="also PGD-20 accuracy at eps = 0..32/255, plotted to an SVG beside the checkpoint (or the JSON)")
     p.add_argument("--seed", type=seed_type, default=0, help="seed of the attacks' random starts")
     args = p.parse_args(argv)

@@ -2,6 +2,7 @@
 each stage, the learning-rate schedule, and one step of adversarial training (attack, then update). train.py
 runs these over the epochs, bench.py times train_step; `args` are train.py's flags.
 """
+import contextlib
 import math
 
 import torch
@@ -40,6 +41,21 @@ def lr_at(step, total, peak):
     if step < warm:
         return peak * (step + 1) / warm
     return peak * 0.5 * (1 + math.cos(math.pi * (step + 1 - warm) / (total + 1 - warm)))
+
+
+@contextlib.contextmanager
+def input_gradient_only(model):
+    """The parameters' requires_grad off inside, restored after. The attack wants the input's gradient alone:
+    eager autograd then skips the weight gradients, but a torch.compile'd backward computes the gradient of
+    every input that requires one, so without this the compiled attack computes them all, and discards them."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, needed in saved:
+            p.requires_grad_(needed)
 
 
 def training_loss(net, x, x_adv, y, args, kind):
@@ -82,18 +98,19 @@ def train_step(model, net, opt, x, y, args, finetune=False, train_net=None, x_se
         x_second = x_second.contiguous(memory_format=torch.channels_last) if x_second is not None else None
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp):
         model.eval()  # attack the model as it predicts (BatchNorm running statistics untouched)
-        attack_loss, start = "ce", True  # uniform random start in the eps-ball
-        if kind == "trades":  # TRADES's code: ascend KL(clean prediction || adversarial one) from x + 0.001 N(0, 1)
-            with torch.no_grad():
-                clean_logp = F.log_softmax(net(x).float(), 1)
-            attack_loss, start = lambda logits, y: F.kl_div(F.log_softmax(logits, 1), clean_logp, reduction="none",
-                                                            log_target=True).sum(1), 0.001
-        # x comes from batches(), in [0, 1] by construction: skip pgd's range check and its host sync
-        source = x if x_second is None or finetune else x_second
-        x_adv = pgd(net, source, y, args.eps, args.alpha, args.steps, random_start=start, loss=attack_loss,
-                    check_range=False)
+        with input_gradient_only(model):
+            attack_loss, start = "ce", True  # uniform random start in the eps-ball
+            if kind == "trades":  # TRADES's code: ascend KL(clean || adversarial prediction) from x + 0.001 N(0, 1)
+                with torch.no_grad():
+                    clean_logp = F.log_softmax(net(x).float(), 1)
+                attack_loss, start = lambda logits, y: F.kl_div(F.log_softmax(logits, 1), clean_logp,
+                                                                reduction="none", log_target=True).sum(1), 0.001
+            # x comes from batches(), in [0, 1] by construction: skip pgd's range check and its host sync
+            source = x if x_second is None or finetune else x_second
+            x_adv = pgd(net, source, y, args.eps, args.alpha, args.steps, random_start=start, loss=attack_loss,
+                        check_range=False)
         model.train(not finetune)  # fine-tuning keeps the frozen backbone's BatchNorm in eval mode
-        loss, parts, logits_adv, logits_clean = training_loss(train_net or net, x, x_adv, y, args, kind)
+        loss, parts, logits_adv, logits_clean = training_loss(net if train_net is None else train_net, x, x_adv, y, args, kind)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -116,6 +116,18 @@ def test_eval_json(trained, tmp_path, monkeypatch, capsys):
         assert name in r.stdout
 
 
+def test_eval_bf16_on_the_cpu(trained, tmp_path, capsys):
+    """eval.py --amp on the CPU: the attacks run under bf16 autocast, and the JSON says so."""
+    root, out, _ = trained
+    j = tmp_path / "bf16.json"
+    r = run_here(eval_cli, out, "--data", root, "--n", "10", "--attacks", "clean,pgd20", "--amp", "--device", "cpu",
+                 "--json", j, capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(j.read_text())
+    assert result["precision"] == "bf16" and "bf16" in r.stdout
+    assert 0 <= result["accuracy"]["pgd20"] <= result["accuracy"]["clean"] <= 1
+
+
 def test_eps_sweep_warning_reaches_the_json(trained, tmp_path, monkeypatch, capsys):
     root, out, _ = trained
     monkeypatch.setattr(eval_cli, "eps_sweep", lambda model, x, y, args: [[0.0, 0.6], [32 / 255, 0.2]])
@@ -149,7 +161,7 @@ def test_eval_subset_and_cw_l2_json_equals_robustness(trained, tmp_path, monkeyp
 
 # channels-last at width 8: at width 4 oneDNN's AVX2 NHWC kernel for the 4-channel 1x1 stride-2 shortcut's weight
 # gradient corrupts memory (README, "The CPU layout"), and .ci/run runs this file under ONEDNN_MAX_CPU_ISA=AVX2
-@pytest.mark.parametrize("layout", [[], ["--channels-last", "--width", "8"]])
+@pytest.mark.parametrize("layout", [[], ["--channels-last", "--width", "8"], ["--amp"]])
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, layout):
     """Ctrl-C mid-epoch, then --resume: the same weights as a run never stopped (CPU, fixed seed). The resume
     names no flag, so the checkpoint gives the memory layout too (NHWC and NCHW round differently)."""
@@ -330,6 +342,27 @@ def test_train_step_every_loss(loss):
     assert changed == {"classifier.weight", "classifier.bias"}
 
 
+@pytest.mark.parametrize("loss", train.LOSSES)
+def test_bf16_training_step_on_the_cpu(loss, monkeypatch):
+    """--amp on the CPU: a bf16 autocast step of each loss runs the network in bf16 and returns a finite float32
+    loss and parts; the contrastive term equals anchor_loss of the same features in float32 outside autocast (its
+    core runs in float32)."""
+    torch.manual_seed(0)
+    args = train.get_args(["--loss", loss, "--amp", *TINY])
+    model = train.build_model({"width": 4})
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 3, (16,))
+    calls, real = [], step.anchor_loss
+    monkeypatch.setattr(step, "anchor_loss", lambda f, *a, **k: calls.append((f, a, real(f, *a, **k))) or calls[-1][2])
+    dtypes = set()
+    model.classifier.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+    total, parts, _, _ = step.train_step(model, model, step.make_optimizer(model, args, False), x, y, args)
+    assert dtypes == {torch.bfloat16}  # the network ran under autocast, the attack and the update
+    assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in (total, *parts))
+    assert len(calls) == (loss in ("anchor", "supcon"))
+    for features, a, value in calls:
+        assert features.dtype == torch.bfloat16 and torch.equal(value, real(features.detach().float(), *a))
+
+
 def test_bench_runs_the_training_step(tmp_path):
     """bench.py measures train.py's own step (a smoke test; speed itself is never asserted)."""
     import bench
@@ -337,7 +370,9 @@ def test_bench_runs_the_training_step(tmp_path):
     bench.main(bench.get_args(["--device", "cpu", "--width", "4", "--batch-size", "8", "--steps", "1",
                                "--warmup", "0", "--iters", "1", "--json", str(j)]))
     table = json.loads(j.read_text())
-    assert [(r["loss"], r["precision"]) for r in table["rows"]] == [("ce", "fp32"), ("anchor", "fp32")]  # the CPU's
+    # the CPU's variants at width 4: no channels-last (oneDNN's AVX2 kernels crash at widths 2-7)
+    assert [(r["loss"], r["precision"]) for r in table["rows"]] == [(loss, v) for v in ("fp32", "bf16")
+                                                                     for loss in ("ce", "anchor")]
     assert all(r["images_per_s"] > 0 for r in table["rows"])
     for flags, word in ((["--arch", "wrn-16-2", "--width", "8"], "--width"), (["--json", tmp_path / "no" / "b.json"], "no")):
         with pytest.raises(CLIError, match=word):  # refused before any step, not ignored or lost after the run

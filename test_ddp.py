@@ -151,9 +151,11 @@ def test_torchrun_a_failing_rank_stops_all(tmp_path):
 
 def test_torchrun_trains_stops_on_one_rank_signal_and_resumes_exactly(tmp_path, capsys):
     """2 processes: rank 0 alone prints and writes, eval.py reads the checkpoint on one device. A SIGTERM that
-    reaches rank 1 alone, mid-epoch: every rank stops at the same step and the state is saved once; --resume under torchrun then ends with the weights of the run never stopped."""
+    reaches rank 1 alone, mid-epoch: every rank stops at the same step, the next (the ranks' votes are read a step
+    late, so agreeing never waits on the device), and the state is saved once; --resume under torchrun then ends
+    with the weights of the run never stopped."""
     make_cifar(tmp_path)
-    common = ["--data", tmp_path, "--epochs", "2", *TINY]
+    common = ["--data", tmp_path, "--epochs", "2", *TINY, "--batch-size", "16"]  # 4 steps an epoch
     r = torchrun(os.path.join(HERE, "train.py"), *common, "--out", tmp_path / "a.pt")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("val_pgd") == 1 and r.stdout.count("saved") == 1  # the table once: rank 0 prints
@@ -179,10 +181,25 @@ def test_torchrun_trains_stops_on_one_rank_signal_and_resumes_exactly(tmp_path, 
     r = torchrun(script, *common, "--out", tmp_path / "b.pt")
     assert r.returncode != 0 and "--resume" in r.stdout and "Traceback" not in r.stdout, r.stdout + r.stderr
     stopped = torch.load(tmp_path / "b.pt", weights_only=True)
-    assert (stopped["epoch"], stopped["step_in_epoch"]) == (1, 1)
+    assert (stopped["epoch"], stopped["step_in_epoch"]) == (1, 2)
     r = torchrun(os.path.join(HERE, "train.py"), "--resume", "--out", tmp_path / "b.pt", "--data", tmp_path)
     assert r.returncode == 0 and "resuming" in r.stdout, r.stdout + r.stderr
     b = torch.load(tmp_path / "b.pt", weights_only=True)
     assert b["epoch"] == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+    # --compile: DDP wrapped first, then compiled (aot_eager here: the traced forward and backward graphs, run
+    # without code generation). Stopped the same way and resumed, it ends where the eager run did, to float
+    # tolerance (the traced graphs round differently).
+    aot_eager = "import functools, torch\ntorch.compile = functools.partial(torch.compile, backend='aot_eager')\n"
+    stopped_patch = script.read_text().split("import train\n", 1)[1].split("train.cli(")[0]
+    r = torchrun(patched_train(tmp_path / "c_stopped.py", aot_eager + stopped_patch), *common, "--compile",
+                 "--out", tmp_path / "c.pt")
+    assert r.returncode != 0 and "compiled" in r.stdout and "--resume" in r.stdout, r.stdout + r.stderr
+    r = torchrun(patched_train(tmp_path / "c.py", aot_eager), "--resume", "--compile", "--out", tmp_path / "c.pt",
+                 "--data", tmp_path)
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stdout + r.stderr
+    c = torch.load(tmp_path / "c.pt", weights_only=True)
+    for k in a["model"]:
+        torch.testing.assert_close(c["model"][k], a["model"][k], rtol=1e-4, atol=1e-5, msg=k)

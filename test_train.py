@@ -85,10 +85,30 @@ def test_trades_attacks_as_its_reference_code():
     assert (uniform - x).abs().max() > 0.02  # the uniform start spreads over the eps-ball (8/255 = 0.031)
 
 
-def test_layout_default_follows_the_device():
-    """NCHW on the CPU (oneDNN's AVX2 channels-last kernels crash at small widths), NHWC on CUDA."""
+def test_layout_default_follows_the_device_and_width():
+    """NHWC on CUDA; on the CPU NHWC from 16 channels (faster there), NCHW below (faster at width 8; oneDNN's
+    AVX2 NHWC kernels crash at widths 2-7)."""
     assert train.get_args(TINY).channels_last is False
+    assert train.get_args([*TINY, "--width", "8"]).channels_last is False
+    assert train.get_args([*TINY, "--width", "16"]).channels_last is True
+    assert train.get_args([*TINY[2:], "--arch", "wrn-16-1"]).channels_last is True
     assert train.get_args([*TINY, "--channels-last"]).channels_last is True
+    assert train.get_args([*TINY, "--width", "16", "--no-channels-last"]).channels_last is False
+
+
+@pytest.mark.parametrize("width", [8, 16])
+def test_default_layout_trains(width):
+    """A training step in the CPU's default layout for the width (NCHW at 8, channels-last at 16) moves the weights
+    with a finite loss; .ci/run runs it again on oneDNN's AVX2 kernels, where channels-last crashed at widths 2-7."""
+    torch.manual_seed(0)
+    args = train.get_args([*TINY, "--width", str(width), "--loss", "anchor"])
+    model, net = train.make_model(args, torch.device("cpu"))
+    assert args.channels_last == (width >= 16) and model.conv1.weight.is_contiguous(
+        memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    before = model.conv1.weight.clone()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 3, (16,))
+    total, *_ = step.train_step(model, net, step.make_optimizer(model, args, False), x, y, args)
+    assert torch.isfinite(total) and not torch.equal(before, model.conv1.weight)
 
 
 def test_second_view_attacks_another_augmentation_of_the_same_images():
@@ -171,3 +191,69 @@ def test_finetune_stage_keeps_its_own_best_and_resume_refuses_younger_flags(tmp_
     torch.save(ckpt, out)
     assert_user_error(run_here(train, "--resume", "--out", out, "--data", tmp_path, "--beta", "2", capsys=capsys),
                       "--loss ce", "does not use --beta")
+
+
+def recording_backend():
+    """A torch.compile backend that runs the traced graphs as they are (aot_autograd, no code generation) and
+    records them: (backend, forward graphs, one list per backward graph of its convolution_backward output masks
+    [input gradient, weight gradient, bias gradient])."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    forward, backward = [], []
+
+    def fw(gm, _):
+        forward.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def bw(gm, _):
+        backward.append([n.args[-1] for n in gm.graph.nodes if n.target == torch.ops.aten.convolution_backward.default])
+        return make_boxed_func(gm.forward)
+    return aot_autograd(fw_compiler=fw, bw_compiler=bw), forward, backward
+
+
+@pytest.fixture
+def recorded_compile(monkeypatch):
+    """torch.compile with the recording backend, for code that calls torch.compile; dynamo's caches emptied
+    before and after (its per-function graph limit is shared by every model of the process)."""
+    import functools
+    backend, forward, backward = recording_backend()
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    yield forward, backward
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("loss", ["ce", "trades"])
+def test_compiled_attack_computes_input_gradients_only(loss, recorded_compile):
+    """Eager autograd.grad(loss, x) skips the weight gradients; a compiled backward computes every input's that
+    requires one. The attack's backward graph computes the input gradient of all 20 convolutions and no weight
+    gradient; the update's computes every weight's. One graph per pass, compiled at the first step."""
+    forward, backward = recorded_compile
+    args = train.get_args(["--loss", loss, "--compile", *TINY])
+    torch.manual_seed(0)
+    model, net = train.make_model(args, torch.device("cpu"))
+    opt = step.make_optimizer(model, args, finetune=False)
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    trained = [p.requires_grad for p in model.parameters()]
+    for _ in range(2):
+        step.train_step(model, net, opt, x, y, args)
+    assert len(forward) == (3 if loss == "trades" else 2)  # trades: its clean no-grad pass is a graph of its own
+    attack, update = backward
+    assert [m[:2] for m in attack] == [[True, False]] * 20
+    assert [m[1] for m in update] == [True] * 20
+    assert [p.requires_grad for p in model.parameters()] == trained  # given back after the attack
+
+
+def test_train_compile_as_users_type_it(tmp_path, capsys, recorded_compile):
+    """train.py --compile (it crashed at the first step: `train_net or net` asked the compiled module for its truth
+    value) runs both stages, compiling three graphs (the attack, the update, the fine-tuning update), each at the
+    first step of its stage: no recompilation after."""
+    from test_cli import run_here
+    from test_data import make_cifar
+    forward, _ = recorded_compile
+    make_cifar(tmp_path)
+    r = run_here(train, "--compile", "--loss", "anchor", "--data", tmp_path, "--epochs", "2", "--finetune-epochs", "1",
+                 *TINY, "--out", tmp_path / "c.pt", capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    assert "compiled" in r.stdout and len(forward) == 3
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["epoch"] == 3

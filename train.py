@@ -60,11 +60,13 @@ def parser():
                    "second, independent augmentation of it (as SupCon's two views)")
     p.add_argument("--seed", type=seed_type, default=0, help="random seed (data order, augmentation, PGD starts, init)")
     p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for training (CUDA only); validation stays float32")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for training (CUDA, or a CPU with native bf16: "
+                   "docs/speed.md); validation stays float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last (NHWC) memory layout; default on CUDA, off on the CPU, where oneDNN's AVX2 "
-                   "channels-last kernels crash at small widths (README)")
+                   help="channels-last (NHWC) memory layout; default on CUDA, and on the CPU from 16 channels (--width "
+                   "16 or more, any WRN), where it is faster; below, NCHW is faster, and oneDNN's AVX2 "
+                   "channels-last kernels crash at widths 2-7 (docs/speed.md)")
     p.add_argument("--arch", type=str, default="resnet18", help="resnet18, preact-resnet18, wrn-34-10, wrn-28-10 or any wrn-DEPTH-WIDEN")
     p.add_argument("--width", type=positive(int), default=64, help="base width of resnet18 / preact-resnet18 (64 = the standard model; 16 for quick CPU runs); a WRN's name gives its width")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the global batch (default: each process's own)")
@@ -93,8 +95,8 @@ def get_args(argv=None):
     except ValueError as e:
         p.error(f"argument --arch: {str(e).removeprefix('model config: ')}")
     resolve_device(p, args)
-    if args.channels_last is None:  # NHWC pays on CUDA; on the CPU, NCHW is the safe layout (see --help)
-        args.channels_last = args.device == "cuda"
+    if args.channels_last is None:  # the faster layout that is safe for the model (see --help)
+        args.channels_last = args.device == "cuda" or is_wrn or args.width >= 16
     if is_wrn and "width" in args.explicit:
         p.error(f"argument --width: {args.arch}'s name gives its widths (wrn-DEPTH-WIDEN); drop --width")
     return args
@@ -110,7 +112,9 @@ def make_model(args, device):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, torch.compile(model) if args.compile else model
+    # Static shapes: the attack's batch B and the update's (2B for anchor and supcon) get a graph each, where
+    # dynamo would otherwise recompile the second size as a dynamic-shape graph.
+    return model, torch.compile(model, dynamic=False) if args.compile else model
 
 
 def evaluate(model, x, y, args, batch_size=500):
@@ -180,7 +184,7 @@ def train_epoch(run, args, epoch, stop):
     finetune = epoch >= args.epochs
     if finetune and not run.opt.finetune:
         run.opt = make_optimizer(run.model, args, finetune=True)  # a fresh optimizer for the second stage
-        run.train_net = ddp.wrap(run.net, run.device, run.world)
+        run.train_net = ddp.wrap(run.model, run.net, run.device, run.world, args.compile)
     stage_start, stage_epochs = (args.epochs, args.finetune_epochs) if finetune else (0, args.epochs)
     total = args.epochs + args.finetune_epochs
     bar = Progress(f"epoch {epoch + 1}/{total}", run.steps_per_epoch, args.batch_size, run.step)
@@ -188,6 +192,7 @@ def train_epoch(run, args, epoch, stop):
     stream = batches(run.x_tr, run.y_tr, args.batch_size, shuffle_seed=args.seed * 100003 + epoch, augment=True,
                      drop_last=True, second_view=second_view)
     share = args.batch_size // run.world  # every rank draws the same global batch and trains on its slice
+    leave = ddp.Leave(run.world, run.device)
     for step, batch in enumerate(stream):
         if step < run.step:  # resuming mid-epoch: the same batches, already trained on
             continue
@@ -202,8 +207,7 @@ def train_epoch(run, args, epoch, stop):
             run.running += torch.stack([loss.detach() * len(yb), parts[0].detach() * len(yb),
                                         parts[1].detach() * len(yb), (logits_adv.argmax(1) == yb).sum(), clean])
         run.step = step + 1
-        # The bar's occasional refresh is the moment to look at the loss (a host sync).
-        if ddp.any_rank(stop or (bar.update(run.step) and not torch.isfinite(run.running[0])), run.world, run.device):
+        if leave(stop, run.running[0], refreshed=bar.update(run.step)):  # a signal, or the loss became non-finite
             break
     bar.close()
     return run.step == run.steps_per_epoch
@@ -299,7 +303,7 @@ def main(args):
         if world > 1:  # rank 0 fetches a missing data set before the others read it
             ddp.agreed(lambda: rank == 0 and load_dataset(args.dataset, args.data, download=True), world, user_errors)
         run = ddp.agreed(lambda: set_up(args, ckpt, rank, world), world, user_errors)  # no collective inside
-        run.train_net = ddp.wrap(run.net, run.device, world)  # a collective: once every rank's set-up succeeded
+        run.train_net = ddp.wrap(run.model, run.net, run.device, world, args.compile)  # a collective: once every rank's set-up succeeded
         resume.restore_rank_buffers(run.model, ckpt, rank)  # after the wrap, which gave every rank rank 0's
         return train(run, args)
     except RuntimeError as e:
