@@ -3,8 +3,9 @@
 ANCHOR (Adversarially-trained Contrastive Hard-mining for Optimized Robustness, arXiv 2510.27599) trains a
 classifier on adversarial examples and, beside the cross-entropy, pulls two views of each image, its augmented
 version and the adversarial example made from it, together with each other and with their class (and apart
-from other classes) in a projection space. This file
-holds the loss alone; it imports only torch, so it can be copied into another codebase as it is:
+from other classes) in a projection space. This file holds the loss and, below it, two diagnostics that say how
+far the loss has come (train.py logs them each epoch); it imports only torch and math, and `anchor_loss` can be
+copied into another codebase as it is:
 
     feats = torch.stack([model_head(x_clean), model_head(x_adv)], dim=1)  # [B, 2, D]
     loss = ce + lam * anchor_loss(feats, labels, temperature=0.1, beta=1.0)
@@ -15,6 +16,8 @@ after DDP averages the gradients they equal the single-process gradients of that
 the DDP loop (`loss = ce + lam * anchor_loss(feats, labels, distributed=True); loss.backward()`); every rank
 must call it at the same step, as for any collective.
 """
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -111,3 +114,48 @@ def anchor_loss(features, labels, temperature=0.1, beta=1.0, distributed=False):
         has_pos = (n_pos > 0).to(dtype)
         # Mean over anchors with a positive, without a host sync (no boolean indexing).
         return (per_anchor * has_pos).sum() / has_pos.sum().clamp(min=1.0)
+
+
+# ---------------------------------------------------------------- diagnostics (not needed to train)
+
+
+def feature_cosines(clean, adv, labels):
+    """Mean cosines of feature vectors ([N, ...], flattened and normalized here), as floats: "twin", each image
+    with its adversarial version; "intra", different images of one class; "inter", images of different classes
+    (NaN where there is no such pair)."""
+    a = F.normalize(clean.flatten(1).float(), dim=1)  # (N, D)
+    b = F.normalize(adv.flatten(1).float(), dim=1)
+    sim = a @ a.T  # (N, N)
+    same = labels[:, None] == labels[None, :]
+    others = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    mean = lambda mask: sim[mask].mean().item() if mask.any() else float("nan")
+    return {"twin": (a * b).sum(1).mean().item(), "intra": mean(same & others), "inter": mean(~same)}
+
+
+@torch.no_grad()
+def loss_diagnostics(features, labels, temperature=0.1, beta=1.0):
+    """How far anchor_loss has come on one batch of two views, features [B, 2, D] (view 0 clean, 1 adversarial).
+
+    Floats: "loss"; its two reference values, "uniform" = log(N - 1) (every similarity equal: nothing learned)
+    and "collapse" = the mean over anchors of log|P(i)| (its limit as each class shrinks to a point far from the
+    others); "covered" = (uniform - loss) / (uniform - collapse), the fraction of that range the loss has come;
+    "q_twin", the mean weight q of an anchor's other view (its adversarial twin, or clean original), against
+    "inv_positives", the mean 1/|P(i)| that SupCon (beta 0) gives every positive; and the head's cosines
+    ("twin", "intra", "inter" of feature_cosines)."""
+    B, V, D = features.shape
+    if V != 2:
+        raise ValueError(f"features must hold two views [B, 2, D], got shape {tuple(features.shape)}")
+    loss = anchor_loss(features, labels, temperature, beta).item()
+    z = F.normalize(features.float().reshape(2 * B, D), dim=1)  # (N, D), row 2b + v is view v of image b
+    y = labels.repeat_interleave(2)  # (N,)
+    pos = (y[:, None] == y[None, :]) & ~torch.eye(2 * B, dtype=torch.bool, device=z.device)  # (N, N) P(i)
+    q = (-beta * (z @ z.T)).masked_fill(~pos, float("-inf")).softmax(1)  # (N, N) anchor_loss's weights
+    rows = torch.arange(2 * B, device=z.device)
+    twin = rows ^ 1  # the other view of the same image: 2b <-> 2b + 1
+    n_pos = pos.sum(1).float()  # (N,), >= 1: the twin is always a positive
+    uniform, collapse = math.log(2 * B - 1), n_pos.log().mean().item()
+    cos = feature_cosines(features[:, 0], features[:, 1], labels)
+    return {"loss": loss, "uniform": uniform, "collapse": collapse,
+            "covered": (uniform - loss) / (uniform - collapse) if uniform > collapse else float("nan"),
+            "q_twin": q[rows, twin].mean().item(), "inv_positives": (1 / n_pos).mean().item(),
+            **{f"head_{k}": v for k, v in cos.items()}}

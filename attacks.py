@@ -29,7 +29,7 @@ RHO = 0.75  # APGD: halve the step when at most this fraction of the steps since
 # ---------------------------------------------------------------- argument checks
 
 
-def _check_inputs(x, y, check_range=True):
+def check_batch(x, y, check_range=True):
     """ValueError unless x is [N, C, H, W] in [0, 1] and y is int64 [N]; returns x detached. The range check
     costs a host sync; check_range=False skips it."""
     if x.dim() != 4:
@@ -123,7 +123,7 @@ def _input_grad(model, x_adv, y, loss_fn):
 
 def fgsm(model, x, y, eps):
     """One signed-gradient step of cross-entropy of size eps (Goodfellow et al. 2015)."""
-    x = _check_inputs(x, y)
+    x = check_batch(x, y)
     eps = _check_number("eps", eps)
     grad = _input_grad(model, x, y, _ce)[0]  # (N, C, H, W)
     return _project(x + eps * grad.sign(), x, eps)
@@ -140,7 +140,7 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, loss="ce"
     skips the check that x lies in [0, 1] and its host sync (for a training loop whose x is in range by
     construction).
     """
-    x = _check_inputs(x, y, check_range)
+    x = check_batch(x, y, check_range)
     eps = _check_number("eps", eps)
     alpha = _check_number("alpha", alpha, positive=True)
     _check_count("steps", steps)
@@ -189,7 +189,7 @@ def cw_l2(model, x, y, c=1.0, kappa=0.0, steps=100, lr=0.01, search_steps=5):
     by Adam. Returns per example the successful x_adv (margin < -kappa) of smallest L2 over all search steps,
     and x itself where none was found.
     """
-    x = _check_inputs(x, y)
+    x = check_batch(x, y)
     c = _check_number("c", c, positive=True)
     kappa = _check_number("kappa", kappa)
     lr = _check_number("lr", lr, positive=True)
@@ -301,7 +301,7 @@ def apgd(model, x, y, eps, steps=100, loss="ce", targeted=False, n_targets=9, se
     Returns per example the iterate of lowest margin z_y - max_{i!=y} z_i over all runs (x itself if the clean
     input already had the lowest); AutoAttack returns the last misclassified iterate, or x: the same accuracy.
     """
-    x = _check_inputs(x, y)
+    x = check_batch(x, y)
     eps = _check_number("eps", eps)
     _check_count("steps", steps)
     _check_count("n_targets", n_targets)
@@ -361,7 +361,7 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0, rescale=False):
     is misclassified, else the lowest-margin point of the search. Randomness from a generator seeded by `seed`:
     reproducible per seed.
     """
-    x = _check_inputs(x, y)
+    x = check_batch(x, y)
     eps = _check_number("eps", eps)
     _check_count("queries", queries)
     if not 0 < float(p_init) <= 1:  # written so that NaN fails too

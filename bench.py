@@ -42,14 +42,20 @@ DEFAULTS = {"cuda": ["fp32", "channels_last", "bf16", "bf16+channels_last", "bf1
 def get_args(argv=None):
     p = cli.Parser(description="Training-step throughput of train.py.", allow_abbrev=False)
     p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--batch-size", type=cli.positive(int), default=None, help="images per step (default 512 on CUDA, 32 on the CPU)")
-    p.add_argument("--arch", type=str, default="resnet18", help="model.py's architecture name, e.g. preact-resnet18, wrn-34-10")
-    p.add_argument("--width", type=cli.positive(int), default=None, help="ResNet base width (default 64 on CUDA, 8 on the CPU); not for a WRN, whose name gives its own")
+    p.add_argument("--batch-size", type=cli.positive(int), default=None,
+                   help="images per step (default 512 on CUDA, 32 on the CPU)")
+    p.add_argument("--arch", type=str, default="resnet18", help="model.py's name, e.g. preact-resnet18, wrn-34-10")
+    p.add_argument("--width", type=cli.positive(int), default=None,
+                   help="ResNet base width (default 64 on CUDA, 8 on the CPU); not for a WRN")
     p.add_argument("--steps", type=cli.positive(int), default=10, help="PGD steps of the training attack")
-    p.add_argument("--variants", type=str, default=None, help=f"comma-separated subset of {','.join(VARIANTS)} (default: {','.join(DEFAULTS['cuda'])} on CUDA, {','.join(DEFAULTS['cpu'])} on the CPU)")
+    p.add_argument("--variants", type=str, default=None,
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: {','.join(DEFAULTS['cuda'])} "
+                   f"on CUDA, {','.join(DEFAULTS['cpu'])} on the CPU)")
     p.add_argument("--losses", type=str, default="ce,anchor", help="comma-separated train.py --loss values")
-    p.add_argument("--warmup", type=cli.non_negative(int), default=None, help="untimed steps first (default 10 on CUDA, 2 on the CPU; compile needs them)")
-    p.add_argument("--iters", type=cli.positive(int), default=None, help="timed steps (default 30 on CUDA, 5 on the CPU)")
+    p.add_argument("--warmup", type=cli.non_negative(int), default=None,
+                   help="untimed steps first (default 10 on CUDA, 2 on the CPU; compile needs them)")
+    p.add_argument("--iters", type=cli.positive(int), default=None,
+                   help="timed steps (default 30 on CUDA, 5 on the CPU)")
     p.add_argument("--json", type=cli.new_file_path, default=None, help="write the table to this JSON file")
     p.add_argument("--trace", type=str, default=None, help="also profile one step of each row into this folder: "
                    "a Chrome trace (.json.gz) and the top ops with the step's host syncs (.txt)")
@@ -168,8 +174,8 @@ def main(args):
             rows.append({"loss": loss, "precision": variant, "images_per_s": rate,
                          "time_vs_ce": base / rate if base else None, "host_syncs": syncs})
     if args.json:
-        table = {"device": name, "torch": torch.__version__, "batch_size": args.batch_size, "arch": args.arch, "width": args.width,
-                 "pgd_steps": args.steps, "warmup": args.warmup, "iters": args.iters, "rows": rows}
+        table = {"device": name, "torch": torch.__version__, "batch_size": args.batch_size, "arch": args.arch,
+                 "width": args.width, "pgd_steps": args.steps, "warmup": args.warmup, "iters": args.iters, "rows": rows}
         cli.save_atomic_text(json.dumps(table, indent=2) + "\n", args.json)
     return 0
 

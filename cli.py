@@ -1,8 +1,9 @@
-"""Command-line plumbing shared by train.py, eval.py, bench.py and study.py, kept apart so those read as what they do.
+"""Command-line plumbing shared by train.py, eval.py, bench.py and the research tools, kept apart so those read
+as what they do.
 
 One-line errors with exit status 2 (`CLIError`, `Parser`, `cli`), argument types (`eps_type`, `positive`,
-`non_negative`, `seed_type`, `file_path`, `new_file_path`), atomic writes, checkpoint loading, the hand-written SVG
-plot, the live progress line and the scope of a Ctrl-C/SIGTERM handler (`on_stop_signals`).
+`non_negative`, `seed_type`, `file_path`, `new_file_path`), atomic writes, the hand-written SVG plot, the live
+progress line and the scope of a Ctrl-C/SIGTERM handler (`on_stop_signals`). Checkpoints are read in resume.py.
 """
 import argparse
 import contextlib
@@ -14,8 +15,7 @@ import time
 
 import torch
 
-from data import DATASETS, DataError
-from model import ARCHS, arch_key, build_model
+from data import DataError
 
 
 class CLIError(Exception):
@@ -136,44 +136,6 @@ def json_safe(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def load_checkpoint(path):
-    """Load a checkpoint of this project, or raise CLIError saying what is wrong with the file."""
-    if not os.path.isfile(path):
-        raise CLIError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CLIError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                       "it is truncated or not a torch checkpoint: train again or pick another file")
-    if not (isinstance(ckpt, dict) and {"model", "config", "epoch"} <= set(ckpt) and isinstance(ckpt["model"], dict)
-            and isinstance(ckpt["config"], dict) and isinstance(ckpt["config"].get("model"), dict)
-            and isinstance(ckpt["config"].get("train", {}), dict)):
-        raise CLIError(f"{path} is not a checkpoint of this project (expected a dict with model, config, epoch)")
-    arch = ckpt["config"]["model"].get("arch", "resnet18")
-    try:
-        arch_key(arch)
-    except ValueError:
-        raise CLIError(f"{path} holds a {arch!r} network, which this model.py does not build (it has "
-                       f"{', '.join(a for a in ARCHS if a != 'wrn-D-K')} and wrn-DEPTH-WIDEN): use the code that "
-                       "trained it, or a version of this project that has that architecture") from None
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, path):
-    """The checkpoint's model, or CLIError where its weights or its class count do not fit."""
-    try:
-        model = build_model(ckpt["config"]["model"])
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError) as e:
-        raise CLIError(f"{path} does not fit this project's model ({str(e).splitlines()[0][:160]})")
-    dataset = ckpt["config"].get("train", {}).get("dataset", "cifar10")  # older checkpoints are CIFAR-10's
-    classes = model.config["num_classes"]
-    if dataset in DATASETS and DATASETS[dataset].num_classes != classes:
-        raise CLIError(f"{path} holds a {classes}-class model but names data set {dataset} ("
-                       f"{DATASETS[dataset].num_classes} classes): it was not written by this train.py; pick another file")
-    return model
-
-
 def svg_plot(path, series, xlabel, title):
     """A small hand-written SVG line chart. series: {name: [(x, y), ...]} with y in [0, 1] for accuracies;
     any other series (a loss) is scaled to its own maximum and drawn dashed."""
@@ -254,7 +216,8 @@ def on_stop_signals(handler):
 
 
 def cli(main_fn, args_fn, prog):
-    """Run a CLI: a user error is one line on stderr and exit status 2, never a traceback."""
+    """Run a CLI: a user error is one line on stderr and exit status 2, a Ctrl-C one line and exit status 130;
+    never a traceback."""
     try:
         sys.exit(main_fn(args_fn()))
     except (CLIError, DataError, OSError) as e:  # OSError: a path that cannot be written
@@ -263,3 +226,7 @@ def cli(main_fn, args_fn, prog):
             time.sleep(5)  # torchrun ends this process once rank 0 exits, so still here = an error of its own
         print(f"{prog}: error: {f'rank {rank}: ' if rank else ''}{e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C where no handler saves (or a second one in train.py): no traceback
+        if int(os.environ.get("RANK", 0)) == 0:  # torchrun signals every rank: rank 0 says it
+            print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)  # 130, as a shell reports a process that Ctrl-C stopped

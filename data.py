@@ -77,9 +77,13 @@ def _files(ds):
     return [*ds.train_files, ds.test_file, ds.meta_file]
 
 
+def _where(ds):  # how to name the data folder, for command-line and library users alike
+    return f"--data DIR on the command line, root in load_{ds.name}(root)"
+
+
 def _by_hand(ds):
-    return (f"download {ds.archive} by hand from {ds.url}, extract it, and pass --data DIR "
-            f"(the folder holding {ds.folder}/)")
+    return (f"download {ds.archive} by hand from {ds.url}, extract it, and pass the folder holding {ds.folder}/ "
+            f"({_where(ds)})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,7 +176,9 @@ def _folder(root, ds, download=False):
                     f"or put {ds.folder}/ there")
     if not download:
         raise DataError(f"{held} (download=True fetches it)" if held else
-                        f"missing {os.path.join(root, ds.folder)}: pass download=True, or {_by_hand(ds)}")
+                        f"no {ds.folder}/ in {os.path.abspath(root)} (nor its files): pass the folder holding "
+                        f"{ds.folder}/ ({_where(ds)}), or download=True to fetch it there, or download {ds.archive} "
+                        f"by hand from {ds.url} and extract it there")
     try:
         return _download(ds, root, ds.url, ds.md5)
     except DataError as e:
@@ -325,10 +331,21 @@ def _download(ds, root, url, md5):
     folder, archive = os.path.join(root, ds.folder), os.path.join(root, ds.archive)
     if os.path.isdir(folder):
         return folder
+    created, parent = [], os.path.abspath(root)  # the folders made here, deepest first
+    while not os.path.exists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
     os.makedirs(root, exist_ok=True)
-    if not (os.path.isfile(archive) and _md5(archive) == md5):  # else: verified by an earlier call
-        _fetch(url, archive, md5, ds)
-    return _extract(archive, root, ds)
+    try:
+        if not (os.path.isfile(archive) and _md5(archive) == md5):  # else: verified by an earlier call
+            _fetch(url, archive, md5, ds)
+        return _extract(archive, root, ds)
+    except BaseException:  # a failed download leaves no empty ./data/ behind; a kept archive keeps its folder
+        for path in created:
+            if os.listdir(path):
+                break
+            os.rmdir(path)
+        raise
 
 
 def download_cifar10(root, url=URL, md5=MD5):  # -> root/cifar-10-batches-py; url: http(s) or file

@@ -49,7 +49,9 @@ def start(device, batch_size, sync_bn):
 
 def local_device(device, world):
     """This process's torch.device: under torchrun on CUDA, the GPU numbered LOCAL_RANK."""
-    return torch.device(device, int(os.environ["LOCAL_RANK"])) if world > 1 and device == "cuda" else torch.device(device)
+    if world > 1 and device == "cuda":
+        return torch.device(device, int(os.environ["LOCAL_RANK"]))
+    return torch.device(device)
 
 
 def agreed(step, world, errors):
@@ -129,7 +131,8 @@ def wrap(model, net, device, world, compile=False):
     require them at construction."""
     if world == 1:
         return net
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ids = [device.index] if device.type == "cuda" else None
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return torch.compile(wrapped, dynamic=False) if compile else wrapped
 
 

@@ -26,10 +26,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from attacks import _check_inputs, apgd, cw_l2, fgsm, pgd, square
+from anchor import feature_cosines
+from attacks import apgd, check_batch, cw_l2, fgsm, pgd, square
+from cli import (Parser, Progress, cli, eps_type, json_safe, new_file_path, positive, resolve_device, save_atomic_text,
+                 seed_type, svg_plot)
 from data import load_dataset
-from cli import (Parser, Progress, cli, eps_type, json_safe, load_checkpoint, model_from_checkpoint, new_file_path,
-                 positive, resolve_device, save_atomic_text, seed_type, svg_plot)
+from resume import load_checkpoint, model_from_checkpoint
 
 # name -> (attack at (eps, alpha, seed), model calls per image at most: for the progress line's ETA). The
 # L-inf attacks in the order of the report; "autoattack" is the cascade of AUTOATTACK.
@@ -58,7 +60,8 @@ def attack_names(names):
     names = [n.strip().replace("-", "_") for n in names if n.strip()]
     unknown = [n for n in names if n not in ALL_NAMES]
     if unknown or not names:
-        raise ValueError(f"unknown attack {unknown[0] if unknown else 'list (empty)'}; choose from {','.join(ALL_NAMES)}")
+        what = unknown[0] if unknown else "list (empty)"
+        raise ValueError(f"unknown attack {what}; choose from {','.join(ALL_NAMES)}")
     return names
 
 
@@ -73,8 +76,10 @@ def get_args(argv=None):
     p = Parser(description="Evaluate a checkpoint's clean and adversarial accuracy on the test set of the data set "
                         "it was trained on (CIFAR-10 or CIFAR-100).", allow_abbrev=False)
     p.add_argument("ckpt", type=str, help="checkpoint written by train.py")
-    p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (downloaded there when missing)")
-    p.add_argument("--n", type=positive(int), default=10000, help="evaluate N test images (a fixed subset spread over the test set; all 10000 by default)")
+    p.add_argument("--data", type=str, default="./data",
+                   help="folder holding cifar-10-batches-py/ or cifar-100-python/ (downloaded there when missing)")
+    p.add_argument("--n", type=positive(int), default=10000,
+                   help="evaluate N test images (a fixed subset spread over the test set; all 10000 by default)")
     p.add_argument("--attacks", type=attack_list, default=list(DEFAULT_ATTACKS),
                    help=f"comma-separated subset of {','.join(ALL_NAMES)}; autoattack is AutoAttack's standard "
                    "cascade (APGD-CE, APGD-T, Square with 5,000 queries) less FAB-T, which in AutoAttack's published "
@@ -85,7 +90,8 @@ def get_args(argv=None):
     p.add_argument("--json", type=new_file_path, default=None, help="write the numbers to this JSON file")
     p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--amp", action="store_true", help="bf16 autocast; the default is float32")
-    p.add_argument("--eps-sweep", action="store_true", help="also PGD-20 accuracy at eps = 0..32/255, plotted to an SVG beside the checkpoint (or the JSON)")
+    p.add_argument("--eps-sweep", action="store_true",
+                   help="also PGD-20 accuracy at eps = 0..32/255, drawn as an SVG beside the checkpoint (or JSON)")
     p.add_argument("--seed", type=seed_type, default=0, help="seed of the attacks' random starts")
     args = p.parse_args(argv)
     if args.json and os.path.abspath(args.json) == os.path.abspath(args.ckpt):
@@ -106,11 +112,11 @@ def check_inputs(model, x, y, batch_size):
     if not isinstance(batch_size, int) or batch_size < 1 or not x.is_floating_point() or len(x) == 0:
         raise ValueError(f"x must be float images [N, C, H, W] in [0, 1], N >= 1, and batch_size an int >= 1; got "
                          f"{x.dtype} {list(x.shape)}, {batch_size!r} (uint8 images: pass x.float() / 255)")
-    _check_inputs(x, y)  # attacks.py's checks: x [N, C, H, W] in [0, 1], y int64 [N]
+    check_batch(x, y)  # attacks.py's checks: x [N, C, H, W] in [0, 1], y int64 [N]
     param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
     if y.device != x.device or (param is not None and param.device != x.device):
-        raise ValueError(f"x is on {x.device}, y on {y.device} and the model on {param.device if param is not None else '?'}: "
-                         "move them to one device")
+        where = param.device if param is not None else "?"
+        raise ValueError(f"x is on {x.device}, y on {y.device} and the model on {where}: move them to one device")
     with torch.no_grad():
         logits = model(x[:batch_size])
     if not isinstance(logits, torch.Tensor) or logits.shape[:1] != x[:batch_size].shape[:1] or logits.dim() != 2:
@@ -272,9 +278,15 @@ def cw_l2_report(model, x, y, opts):
 
 
 def sanity_checks(model, x, y, acc, opts, square_only=0):
-    """Warnings for the classic evaluation mistakes and signs of gradient masking. acc: {attack: accuracy};
-    square_only: how many images the black-box Square broke that APGD-CE and APGD-T both left robust."""
+    """Warnings for the classic evaluation mistakes (an input of one class among them) and signs of gradient
+    masking. acc: {attack: accuracy}; square_only: how many images the black-box Square broke that APGD-CE and
+    APGD-T both left robust."""
     warn = []
+    labels = y.unique()
+    if len(labels) == 1:  # e.g. the first images of a test set stored sorted by class
+        warn.append(f"every image is of class {labels.item()}: the per-class figures (weakest and strongest class) and "
+                    "the class-spread diagnostics (intra- and inter-class cosines) say nothing; pass a subset spread "
+                    "over the classes")
     some = spread(len(x), opts.batch_size, x.device)  # images of every class, not the first batch
     xb, yb = x[some], y[some]
     with torch.no_grad():
@@ -313,16 +325,11 @@ def representation_report(model, features, x, y, opts):
     feats_clean, feats_adv = [], []
     for xb, yb in zip(x.split(opts.batch_size), y.split(opts.batch_size)):
         x_adv = pgd(model, xb, yb, opts.eps, opts.alpha, 20)
-        with torch.no_grad():  # flatten(1): a feature map [B, C, H, W] counts as one vector per image
-            feats_clean.append(F.normalize(features(xb).flatten(1).float(), dim=1))
-            feats_adv.append(F.normalize(features(x_adv).flatten(1).float(), dim=1))
-    fc, fa = torch.cat(feats_clean), torch.cat(feats_adv)  # (n, D) each
-    sim = fc @ fc.T  # (n, n)
-    same = y[:, None] == y[None, :]
-    off_diag = ~torch.eye(len(y), dtype=torch.bool, device=y.device)
-    return {"clean_adv_cos": (fc * fa).sum(1).mean().item(),
-            "intra_class_cos": sim[same & off_diag].mean().item() if (same & off_diag).any() else math.nan,
-            "inter_class_cos": sim[~same].mean().item() if (~same).any() else math.nan}
+        with torch.no_grad():  # a feature map [B, C, H, W] counts as one vector per image (feature_cosines)
+            feats_clean.append(features(xb).float())
+            feats_adv.append(features(x_adv).float())
+    cos = feature_cosines(torch.cat(feats_clean), torch.cat(feats_adv), y)
+    return {"clean_adv_cos": cos["twin"], "intra_class_cos": cos["intra"], "inter_class_cos": cos["inter"]}
 
 
 def eps_sweep(model, x, y, args):

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR10_STD = [0.2470, 0.2435, 0.2616]
-DEFAULTS = {"arch": "resnet18", "width": 64, "num_classes": 10, "proj_dim": 128, "mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+DEFAULTS = {"arch": "resnet18", "width": 64, "num_classes": 10, "proj_dim": 128, "mean": CIFAR10_MEAN,
+            "std": CIFAR10_STD}
 
 
 class BasicBlock(nn.Module):
@@ -176,7 +177,8 @@ def build_model(config=None):
             raise ValueError(f"model config: {key} must be a positive int, got {config[key]!r}")
     for key in ("mean", "std"):
         v = config[key]
-        numbers = isinstance(v, (list, tuple)) and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in v)
+        numbers = isinstance(v, (list, tuple)) and all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                                        for c in v)
         if not (numbers and len(v) == 3 and all(map(math.isfinite, v))):
             raise ValueError(f"model config: {key} must be a list of 3 finite floats, got {v!r}")
         if key == "std" and min(v) <= 0:

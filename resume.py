@@ -1,5 +1,7 @@
-"""A training run on disk: the files train.py writes, what a checkpoint holds, and continuing from one.
+"""Checkpoints on disk: the files train.py writes, what a checkpoint holds, reading one back, continuing a run.
 
+    ckpt = load_checkpoint(path)                   # a checkpoint of this project, or CLIError saying what is wrong
+    model = model_from_checkpoint(ckpt, path)      # its network with its weights (eval.py)
     ckpt = read_run(args)                          # None for a new run (its files must be free), else the checkpoint
     state = checkpoint(run, args, epoch, step)     # plain types and CPU tensors; every rank's RNG and BatchNorm
     restore(run, args, ckpt)                       # weights, optimizer, counters and this rank's RNG, in set-up
@@ -12,12 +14,15 @@ import os
 import torch
 
 import ddp
-from cli import CLIError, load_checkpoint, to_cpu
+from cli import CLIError, to_cpu
+from data import DATASETS
+from model import ARCHS, arch_key, build_model
 from step import make_optimizer, unused_flag
 
 # Flags that do not change what is trained: on --resume they may differ from the checkpoint's.
 RUNTIME_FLAGS = {"data", "device", "compile", "channels_last", "out", "resume", "sync_bn"}
-RESUME_KEYS = {"model", "optimizer", "finetune", "epoch", "step_in_epoch", "config", "device", "running", "rng", "metrics"}
+RESUME_KEYS = {"model", "optimizer", "finetune", "epoch", "step_in_epoch", "config", "device", "running", "rng",
+               "metrics"}
 
 
 def paths(out):
@@ -43,7 +48,9 @@ def read_run(args):
     if missing or not isinstance(ckpt["config"].get("train"), dict):
         raise CLIError(f"--resume: {args.out} lacks {sorted(missing) or ['config.train']}: it was not written "
                        "by this train.py; start a new --out")
-    saved = {"dataset": "cifar10", "arch": "resnet18", **ckpt["config"]["train"]}  # older runs lack these two
+    train = ckpt["config"]["train"]
+    # older runs lack these; their fine-tuning stage restarted at --lr
+    saved = {"dataset": "cifar10", "arch": "resnet18", "finetune_lr": train.get("lr"), **train}
     flag = unused_flag(saved.get("loss"), args.explicit)
     if flag:
         raise CLIError(f"--resume: {args.out} was trained with --loss {saved['loss']}, which does not use {flag}; "
@@ -67,6 +74,47 @@ def read_run(args):
         raise CLIError(f"--resume: {args.out} was trained on cuda, which this machine lacks; pass --device cpu "
                        "(the run continues, but not bit for bit)")
     return ckpt
+
+
+def load_checkpoint(path):
+    """Load a checkpoint of this project, or raise CLIError saying what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise CLIError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # the file itself is unreadable (permissions, a disk error), whatever it holds
+        raise CLIError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
+    except Exception:  # torch's own text is about zip internals ("internal miniz error"), cut here mid-word
+        raise CLIError(f"checkpoint {path} cannot be read: the file is truncated (a copy or save that did not "
+                       "finish) or not a checkpoint; copy it again, or use another (the run's .best.pt)") from None
+    if not (isinstance(ckpt, dict) and {"model", "config", "epoch"} <= set(ckpt) and isinstance(ckpt["model"], dict)
+            and isinstance(ckpt["config"], dict) and isinstance(ckpt["config"].get("model"), dict)
+            and isinstance(ckpt["config"].get("train", {}), dict)):
+        raise CLIError(f"{path} is not a checkpoint of this project (expected a dict with model, config, epoch)")
+    arch = ckpt["config"]["model"].get("arch", "resnet18")
+    try:
+        arch_key(arch)
+    except ValueError:
+        raise CLIError(f"{path} holds a {arch!r} network, which this model.py does not build (it has "
+                       f"{', '.join(a for a in ARCHS if a != 'wrn-D-K')} and wrn-DEPTH-WIDEN): use the code that "
+                       "trained it, or a version of this project that has that architecture") from None
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    """The checkpoint's model, or CLIError where its weights or its class count do not fit."""
+    try:
+        model = build_model(ckpt["config"]["model"])
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"{path} does not fit this project's model ({str(e).splitlines()[0][:160]})")
+    dataset = ckpt["config"].get("train", {}).get("dataset", "cifar10")  # older checkpoints are CIFAR-10's
+    classes = model.config["num_classes"]
+    if dataset in DATASETS and DATASETS[dataset].num_classes != classes:
+        raise CLIError(f"{path} holds a {classes}-class model but names data set {dataset} ("
+                       f"{DATASETS[dataset].num_classes} classes): it was not written by this train.py; pick "
+                       "another file")
+    return model
 
 
 def checkpoint(run, args, epoch, step):

@@ -27,8 +27,10 @@ def make_optimizer(model, args, finetune):
     What is not trained gets requires_grad=False, so DDP expects no gradient for it."""
     uses_head = args.loss in ("anchor", "supcon") and args.lam > 0 and not finetune  # lam 0: the head stays as built
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("classifier.") or (not finetune and (uses_head or not name.startswith("head."))))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
+        trained = not finetune and (uses_head or not name.startswith("head."))
+        p.requires_grad_(name.startswith("classifier.") or trained)
+    lr = args.finetune_lr if finetune else args.lr
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9,
                           nesterov=True, weight_decay=args.wd)
     opt.finetune = finetune  # which stage this optimizer belongs to, saved with the checkpoint
     return opt
@@ -69,7 +71,8 @@ def training_loss(net, x, x_adv, y, args, kind):
         # reference code, so BatchNorm sees clean and adversarial batches apart.
         logits_clean, logits_adv = net(x).float(), net(x_adv).float()
         ce = F.cross_entropy(logits_clean, y)
-        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.log_softmax(logits_clean, 1), reduction="batchmean", log_target=True)
+        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.log_softmax(logits_clean, 1), reduction="batchmean",
+                      log_target=True)
         return ce + args.lam * kl, [ce, kl], logits_adv, logits_clean
     # anchor / supcon: one backbone pass over both views [augmented clean, adversarial].
     logits, z = net(torch.cat([x, x_adv]), projection=True)
@@ -110,7 +113,8 @@ def train_step(model, net, opt, x, y, args, finetune=False, train_net=None, x_se
             x_adv = pgd(net, source, y, args.eps, args.alpha, args.steps, random_start=start, loss=attack_loss,
                         check_range=False)
         model.train(not finetune)  # fine-tuning keeps the frozen backbone's BatchNorm in eval mode
-        loss, parts, logits_adv, logits_clean = training_loss(net if train_net is None else train_net, x, x_adv, y, args, kind)
+        update_net = net if train_net is None else train_net
+        loss, parts, logits_adv, logits_clean = training_loss(update_net, x, x_adv, y, args, kind)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

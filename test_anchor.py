@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anchor import anchor_loss
+from anchor import anchor_loss, feature_cosines, loss_diagnostics
 from model import build_model
 
 
@@ -193,3 +193,50 @@ def test_model_rebuilds_from_its_config():
 def test_model_bad_config(config):
     with pytest.raises(ValueError, match="model config"):
         build_model(config)
+
+
+# ---------------------------------------------------------------- diagnostics
+
+
+def test_loss_diagnostics_at_the_two_reference_points():
+    """Every embedding equal: the loss is log(N - 1) (covered 0) and each positive weighs 1/|P(i)|. Each class
+    collapsed to its own point, the points orthogonal: the loss tends to the mean of log|P(i)| (covered 1)."""
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2])  # B = 7 images, N = 14 views; |P(i)| = 3, 3, 5 by class
+    log_p = (8 * math.log(3) + 6 * math.log(5)) / 14
+    d = loss_diagnostics(torch.ones(7, 2, 4), y, temperature=0.5, beta=1.0)
+    assert d["loss"] == pytest.approx(math.log(13)) and d["uniform"] == pytest.approx(math.log(13))
+    assert d["collapse"] == pytest.approx(log_p) and d["covered"] == pytest.approx(0, abs=1e-6)
+    assert d["q_twin"] == pytest.approx(d["inv_positives"]) == pytest.approx((8 / 3 + 6 / 5) / 14)
+    collapsed = torch.eye(4)[y][:, None].expand(7, 2, 4)  # class k at the unit vector e_k, both views
+    d = loss_diagnostics(collapsed, y, temperature=0.02, beta=1.0)  # negatives weigh exp(-50): nothing
+    assert d["loss"] == pytest.approx(log_p) and d["covered"] == pytest.approx(1, abs=1e-6)
+    assert (d["head_twin"], d["head_intra"]) == pytest.approx((1, 1)) and d["head_inter"] == pytest.approx(0)
+
+
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_twin_weight_equals_a_slow_count(beta):
+    """q_twin against one anchor at a time: the weight w = exp(beta (1 - cos)) of the other view, normalized over
+    the anchor's positives; beta 0 gives every positive 1/|P(i)|, the mean inv_positives."""
+    g = torch.Generator().manual_seed(0)
+    f, y = torch.randn(6, 2, 5, generator=g, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1, 2])
+    z = [F.normalize(f[b, v], dim=0) for b in range(6) for v in range(2)]
+    labels = [int(y[i // 2]) for i in range(12)]
+    twins, inverse = [], []
+    for i in range(12):
+        positives = [p for p in range(12) if p != i and labels[p] == labels[i]]
+        w = {p: math.exp(beta * (1 - float(z[i] @ z[p]))) for p in positives}
+        twins.append(w[i ^ 1] / sum(w.values()))
+        inverse.append(1 / len(positives))
+    d = loss_diagnostics(f, y, temperature=0.3, beta=beta)
+    assert d["q_twin"] == pytest.approx(sum(twins) / 12) and d["inv_positives"] == pytest.approx(sum(inverse) / 12)
+    assert (d["q_twin"] == pytest.approx(d["inv_positives"])) == (beta == 0)
+    assert d["loss"] == pytest.approx(slow_anchor_loss(f, y, 0.3, beta))
+
+
+def test_feature_cosines_by_hand():
+    clean = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])  # classes 0, 0, 1; flattened and normalized inside
+    adv = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, -1.0]])
+    c = feature_cosines(clean, adv, torch.tensor([0, 0, 1]))
+    assert c["twin"] == pytest.approx((math.sqrt(0.5) + 1 - 1) / 3)
+    assert c["intra"] == pytest.approx(1.0) and c["inter"] == pytest.approx(0.0)
+    assert math.isnan(feature_cosines(clean, adv, torch.tensor([0, 1, 2]))["intra"])  # no pair of one class

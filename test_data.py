@@ -14,6 +14,7 @@ import io
 import os
 import pickle
 import pickletools
+import re
 import shlex
 import socket
 import struct
@@ -242,10 +243,18 @@ def test_load_class_names_defaults_to_cifar10(tmp_path):
     assert data.load_class_names(tmp_path, 'cifar100')[0] == 'apple'
 
 
-def test_missing_folder(tmp_path, ds):
-    with pytest.raises(DataError, match=rf'missing .*{ds.folder}: pass download=True, or download {ds.archive} '
-                                        r'by hand.*--data DIR'):
-        load(ds, tmp_path)
+def test_missing_folder(tmp_path, ds, monkeypatch):
+    """Worded for library users as well as the command line: the folder looked in (absolute, where root was
+    relative) and the three fixes: root or --data naming the right folder, download=True, a download by hand."""
+    monkeypatch.chdir(tmp_path)
+    looked_in = re.escape(str(tmp_path / 'data'))
+    with pytest.raises(DataError, match=rf'^no {ds.folder}/ in {looked_in} \(nor its files\): pass the '
+                                        rf'folder holding {ds.folder}/ \(--data DIR on the command line, root in '
+                                        rf'load_{ds.name}\(root\)\), or download=True to fetch it there, or '
+                                        rf'download {ds.archive} by hand from {re.escape(ds.url)} and extract it '
+                                        rf'there$'):
+        load(ds, './data')
+    assert not (tmp_path / 'data').exists()  # looking creates nothing
 
 
 @pytest.mark.parametrize('files', [['test'], ['train', 'test'], ['meta', 'test']])
@@ -253,14 +262,13 @@ def test_generic_names_are_not_cifar100(tmp_path, files):
     """A folder holding a file called test (or two of train/test/meta) is not taken for cifar-100-python/."""
     for f in files:
         (tmp_path / f).write_bytes(b'something else')
-    with pytest.raises(DataError, match=r'missing .*cifar-100-python: pass download=True'):
+    with pytest.raises(DataError, match=r'no cifar-100-python/ in .*download=True'):
         data.load_cifar100(tmp_path)
 
 
-def _missing_files():
-    for ds in data.DATASETS.values():
-        for name in [ds.train_files[-1], ds.test_file, ds.meta_file]:
-            yield pytest.param(ds.name, name, id=f'{ds.name}-{name}')
+def _missing_files():  # a list: parametrize takes a Collection, not a generator
+    return [pytest.param(ds.name, name, id=f'{ds.name}-{name}') for ds in data.DATASETS.values()
+            for name in [ds.train_files[-1], ds.test_file, ds.meta_file]]
 
 
 @pytest.mark.parametrize('dataset, name', _missing_files())
@@ -391,17 +399,21 @@ def test_download_md5_mismatch(tarball, tmp_path, ds):
     dest = tmp_path / 'dest'
     with pytest.raises(DataError, match=rf'md5 mismatch .*expected 0{{32}}, got {md5}.*not {ds.archive}'):
         download(ds, dest, url=path.as_uri(), md5='0' * 32)
-    assert_only(dest, [])
+    assert not dest.exists()  # the folder it made is gone with the bad download
 
 
 def test_download_failure_says_what_to_do(tmp_path, ds):
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
+    (tmp_path / 'mine').mkdir()  # a folder the user made: kept, as found
     for url in [f'http://127.0.0.1:{port}/c.tar.gz', (tmp_path / 'absent.tar.gz').as_uri(), 'ftp://127.0.0.1/x']:
-        with pytest.raises(DataError, match=rf'could not download .*{ds.archive} by hand from {ds.url}.*--data DIR'):
-            download(ds, tmp_path / 'dest', url=url, md5=ds.md5)
-        assert_only(tmp_path / 'dest', [])
+        for dest in (tmp_path / 'new' / 'dest', tmp_path / 'mine'):
+            with pytest.raises(DataError, match=rf'could not download .*{ds.archive} by hand from {ds.url}.*--data '
+                                                rf'DIR on the command line, root in load_{ds.name}\(root\)'):
+                download(ds, dest, url=url, md5=ds.md5)
+        assert_only(tmp_path, ['mine'])  # no empty folders left behind, neither dest nor the one above it
+        assert_only(tmp_path / 'mine', [])
 
 
 def test_corrupt_archive(tmp_path, ds):

@@ -58,7 +58,8 @@ def _worker(rank, port, results):
             loss.backward()
             losses = [None] * WORLD
             dist.all_gather_object(losses, loss.item())
-            results[rank, beta] = {"losses": losses, "grads": {k: p.grad.clone() for k, p in model.module.named_parameters()}}
+            grads = {k: p.grad.clone() for k, p in model.module.named_parameters()}
+            results[rank, beta] = {"losses": losses, "grads": grads}
     finally:
         dist.destroy_process_group()
 
@@ -164,7 +165,8 @@ def test_torchrun_trains_stops_on_one_rank_signal_and_resumes_exactly(tmp_path, 
     assert a["epoch"] == 2 and a["world_size"] == WORLD and len(a["rng"]) == WORLD
     assert not any(k.startswith("module.") for k in a["model"])  # the plain model's weights, not DDP's
     rows = [json.loads(line) for line in open(tmp_path / "a.jsonl")]
-    assert [row["epoch"] for row in rows] == [1, 2] and all(0 <= row["val_pgd"] <= row["val_clean"] <= 1 for row in rows)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert all(0 <= row["val_pgd"] <= row["val_clean"] <= 1 for row in rows)
     assert rows[0]["val_clean"] * 20 == pytest.approx(round(rows[0]["val_clean"] * 20))  # counts over all 20 val images
     e = run_here(eval_cli, tmp_path / "a.pt", "--data", tmp_path, "--n", 10, "--attacks", "clean,pgd20",
                  "--device", "cpu", capsys=capsys)

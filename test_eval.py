@@ -41,3 +41,18 @@ def test_diagnostics_see_every_class_of_a_class_sorted_input(trained_model):
     assert math.isfinite(rep["inter_class_cos"]) and math.isfinite(rep["intra_class_cos"])
     spread = eval_cli.spread(10000, 250, x.device)  # the CLI's default --n on a test set of 1000 per class
     assert torch.bincount(spread // 1000).tolist() == [25] * 10 and len(set(spread.tolist())) == 250
+
+
+def test_an_input_of_one_class_is_warned_about(trained_model, capsys):
+    """One class (the first images of a class-sorted test set): the per-class report names it weakest and
+    strongest alike, so a warning, printed and in the result, says those figures mean nothing. Two classes: none."""
+    model, x, y = trained_model
+    k, other = int(y[0]), int(y[y != y[0]][0])
+    one, two = y == k, (y == k) | (y == other)
+    result = eval_cli.robustness(model, x[one], y[one], attacks="clean", batch_size=16)
+    assert [c for c, a in enumerate(result["per_class"]["worst"]) if not math.isnan(a)] == [k]  # weakest = strongest
+    [warning] = [w for w in result["warnings"] if "class" in w]
+    assert warning.startswith(f"every image is of class {k}:") and "spread over the classes" in warning
+    assert f"warning: {warning}" in capsys.readouterr().out
+    result = eval_cli.robustness(model, x[two], y[two], attacks="clean", batch_size=16, progress=False)
+    assert not any("every image" in w for w in result["warnings"])

@@ -46,7 +46,8 @@ def resnet18_keys():
             keys += [f"{p}.conv1.weight"] + bn(f"{p}.bn1") + [f"{p}.conv2.weight"] + bn(f"{p}.bn2")
             if s > 0 and b == 0:
                 keys += [f"{p}.shortcut.0.weight"] + bn(f"{p}.shortcut.1")
-    return keys + ["head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias", "classifier.weight", "classifier.bias"]
+    return keys + ["head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias", "classifier.weight",
+                   "classifier.bias"]
 
 
 def test_resnet18_keys_and_parameter_order_are_unchanged():
@@ -54,7 +55,8 @@ def test_resnet18_keys_and_parameter_order_are_unchanged():
     assert len(resnet18_keys()) == 128
     assert list(model.state_dict()) == resnet18_keys()  # old checkpoints load strictly
     # optimizer states index parameters by position: the order must hold too
-    assert [n for n, _ in model.named_parameters()] == [k for k in resnet18_keys() if k in dict(model.named_parameters())]
+    names = [n for n, _ in model.named_parameters()]
+    assert names == [k for k in resnet18_keys() if k in set(names)]
     assert model.config == {"arch": "resnet18", "width": 4, "num_classes": 10, "proj_dim": 128,
                             "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}
 

@@ -181,6 +181,13 @@ def test_finetune_stage_keeps_its_own_best_and_resume_refuses_younger_flags(tmp_
                                       "--out", str(out)])) == 0
     best = torch.load(tmp_path / "ft.best.pt", weights_only=True)
     assert best["epoch"] == 3 and best["finetune"]
+    import json, math
+    for row in map(json.loads, open(tmp_path / "ft.jsonl")):  # the mechanism, every epoch: 20 val images, one chunk
+        assert row["con_uniform"] == pytest.approx(math.log(2 * 20 - 1)) and row["con_collapse"] < row["con_uniform"]
+        assert row["con_covered"] == pytest.approx((row["con_uniform"] - row["con_loss"]) /
+                                                   (row["con_uniform"] - row["con_collapse"]))
+        assert 0 < row["q_twin"] < 1 and 0 < row["inv_positives"] < 1
+        assert all(-1 <= row[f"{s}_{k}"] <= 1 for s in ("head", "backbone") for k in ("twin", "intra", "inter"))
 
     ckpt = torch.load(out, weights_only=True)
     del ckpt["config"]["train"]["adv_view"]  # as written before --adv-view existed
@@ -257,3 +264,15 @@ def test_train_compile_as_users_type_it(tmp_path, capsys, recorded_compile):
     assert r.returncode == 0, r.stderr
     assert "compiled" in r.stdout and len(forward) == 3
     assert torch.load(tmp_path / "c.pt", weights_only=True)["epoch"] == 3
+
+
+def test_finetune_lr_is_the_stage_peak_and_refused_without_the_stage():
+    """--finetune-lr is the fine-tuning stage's own peak (the stage used to restart at --lr); without a stage the
+    flag would do nothing, so it is refused."""
+    from cli import CLIError
+    args = train.get_args([*TINY, "--finetune-epochs", "2", "--finetune-lr", "0.005"])
+    model = train.build_model({"width": 4})
+    assert step.make_optimizer(model, args, finetune=True).param_groups[0]["lr"] == 0.005
+    assert step.make_optimizer(model, args, finetune=False).param_groups[0]["lr"] == args.lr == 0.2
+    with pytest.raises(CLIError, match="--finetune-lr.*--finetune-epochs"):
+        train.get_args([*TINY, "--finetune-lr", "0.005"])

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ import torch
 
 import ddp
 import resume
+from anchor import feature_cosines, loss_diagnostics
 from attacks import pgd
 from cli import (CLIError, Parser, Progress, cli, eps_type, file_path, flag_names, json_safe, non_negative,
                  on_stop_signals, positive, resolve_device, save_atomic, save_atomic_text, seed_type, svg_plot)
@@ -33,45 +35,48 @@ from step import lr_at, make_optimizer, train_step, unused_flag
 
 LOSSES = ("anchor", "supcon", "ce", "trades")
 VAL_STEPS = 10  # the validation attack: PGD-10 at step eps/4 (evaluate)
+FINETUNE_LR = 0.02  # the fine-tuning stage's peak: chosen on validation (docs/results.md, the fine-tuning stage)
 
 
 def parser():
-    p = Parser(description="Adversarial training on CIFAR-10/100 with the ANCHOR loss.", allow_abbrev=False)
-    p.add_argument("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (downloaded there when missing)")
-    p.add_argument("--dataset", type=str, default="cifar10", choices=sorted(DATASETS), help="the data set")
-    p.add_argument("--limit", type=positive(int), default=None, help="train on the first N training images only")
-    p.add_argument("--val", type=non_negative(int), default=1000, help="last N training images held out for validation and best-checkpoint selection")
-    p.add_argument("--epochs", type=positive(int), default=30, help="training epochs")
-    p.add_argument("--finetune-epochs", type=non_negative(int), default=0, help="then K epochs training the classifier alone with CE on PGD examples, backbone frozen; the best checkpoint is then one of these K")
-    p.add_argument("--batch-size", type=positive(int), default=512, help="images per step (over all processes under torchrun)")
-    p.add_argument("--lr", type=positive(float), default=0.2, help="peak SGD learning rate (one-cycle: linear warm-up over 15%% of steps, then cosine toward 0)")
-    p.add_argument("--wd", type=non_negative(float), default=5e-4, help="weight decay (SGD's L2 coefficient)")
-    p.add_argument("--eps", type=eps_type, default=8 / 255, help="L-inf radius in [0, 1] pixel units (0.031 or 8/255)")
-    p.add_argument("--alpha", type=positive(eps_type), default=None, help="PGD step size, pixel units (default 2/255; 0.007 for trades, as TRADES's code)")
-    p.add_argument("--steps", type=positive(int), default=10, help="PGD steps for the training attack")
-    p.add_argument("--loss", type=str, default="anchor", choices=LOSSES, help="anchor: CE on PGD examples + lam * anchor_loss; supcon: the same with beta=0; ce: Madry PGD-AT; trades: TRADES")
-    p.add_argument("--temperature", type=positive(float), default=0.1, help="contrastive temperature (anchor, supcon)")
-    p.add_argument("--beta", type=non_negative(float), default=1.0, help="hard-positive mining strength (anchor only; supcon is beta 0)")
-    p.add_argument("--lam", type=non_negative(float), default=None,
-                   help="weight of the second loss term (default 1.0 for anchor/supcon, 6.0 for trades: TRADES's beta). "
-                   "--loss anchor --lam 0 is the BatchNorm-matched control: the same joint pass over both views, CE only")
-    p.add_argument("--adv-view", type=str, default="same", choices=("same", "second"),
-                   help="what the adversarial view is made from (anchor, supcon): the augmented image itself, or a "
-                   "second, independent augmentation of it (as SupCon's two views)")
-    p.add_argument("--seed", type=seed_type, default=0, help="random seed (data order, augmentation, PGD starts, init)")
-    p.add_argument("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for training (CUDA, or a CPU with native bf16: "
-                   "docs/speed.md); validation stays float32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last (NHWC) memory layout; default on CUDA, and on the CPU from 16 channels (--width "
-                   "16 or more, any WRN), where it is faster; below, NCHW is faster, and oneDNN's AVX2 "
-                   "channels-last kernels crash at widths 2-7 (docs/speed.md)")
-    p.add_argument("--arch", type=str, default="resnet18", help="resnet18, preact-resnet18, wrn-34-10, wrn-28-10 or any wrn-DEPTH-WIDEN")
-    p.add_argument("--width", type=positive(int), default=64, help="base width of resnet18 / preact-resnet18 (64 = the standard model; 16 for quick CPU runs); a WRN's name gives its width")
-    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over the global batch (default: each process's own)")
-    p.add_argument("--out", type=file_path, default="ckpt.pt", help="checkpoint path; the log, plot and best checkpoint go beside it")
-    p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    """The flags, each with a short help; docs/usage.md explains each in full."""
+    p = Parser(description="Adversarial training on CIFAR-10/100 with the ANCHOR loss (docs/usage.md: every flag).",
+               allow_abbrev=False)
+    add = p.add_argument
+    add("--data", type=str, default="./data", help="folder holding cifar-10-batches-py/ (downloaded there if missing)")
+    add("--dataset", type=str, default="cifar10", choices=sorted(DATASETS), help="the data set")
+    add("--limit", type=positive(int), default=None, help="train on the first N training images only")
+    add("--val", type=non_negative(int), default=1000, help="the last N training images: validation, best checkpoint")
+    add("--epochs", type=positive(int), default=30, help="training epochs")
+    add("--finetune-epochs", type=non_negative(int), default=0,
+        help="then K epochs of the classifier alone (CE on PGD examples, backbone frozen); the best is one of these")
+    add("--batch-size", type=positive(int), default=512, help="images per step (over all processes under torchrun)")
+    add("--lr", type=positive(float), default=0.2, help="peak SGD learning rate of the one-cycle schedule")
+    add("--finetune-lr", type=positive(float), default=FINETUNE_LR,
+        help="peak learning rate of the fine-tuning stage's own one-cycle schedule")
+    add("--wd", type=non_negative(float), default=5e-4, help="weight decay")
+    add("--eps", type=eps_type, default=8 / 255, help="L-inf radius in [0, 1] pixel units (0.031 or 8/255)")
+    add("--alpha", type=positive(eps_type), default=None, help="PGD step, pixel units (default 2/255; trades 0.007)")
+    add("--steps", type=positive(int), default=10, help="PGD steps of the training attack")
+    add("--loss", type=str, default="anchor", choices=LOSSES,
+        help="anchor: CE on PGD examples + lam * anchor_loss; supcon: beta 0; ce: PGD-AT; trades: TRADES")
+    add("--temperature", type=positive(float), default=0.1, help="contrastive temperature (anchor, supcon)")
+    add("--beta", type=non_negative(float), default=1.0, help="hard-positive mining strength (anchor)")
+    add("--lam", type=non_negative(float), default=None,
+        help="weight of the second term (default 1; trades 6); --loss anchor --lam 0: the BatchNorm-matched control")
+    add("--adv-view", type=str, default="same", choices=("same", "second"),
+        help="the adversarial view is made from the augmented image, or from a second augmentation of it")
+    add("--seed", type=seed_type, default=0, help="random seed (init, data order, augmentation, PGD starts)")
+    add("--device", type=str, default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    add("--amp", action="store_true", help="bf16 autocast for training (CUDA, or a CPU with native bf16)")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+        help="NHWC memory layout (default: on CUDA; on the CPU from width 16, docs/speed.md)")
+    add("--arch", type=str, default="resnet18", help="resnet18, preact-resnet18, wrn-34-10, wrn-28-10, wrn-DEPTH-WIDEN")
+    add("--width", type=positive(int), default=64, help="base width of the ResNets (64: the standard model)")
+    add("--sync-bn", action="store_true", help="torchrun on CUDA: BatchNorm statistics over the global batch")
+    add("--out", type=file_path, default="ckpt.pt", help="checkpoint path; the log, plot and .best.pt go beside it")
+    add("--resume", action="store_true", help="continue the run saved at --out")
     return p
 
 
@@ -97,6 +102,8 @@ def get_args(argv=None):
     resolve_device(p, args)
     if args.channels_last is None:  # the faster layout that is safe for the model (see --help)
         args.channels_last = args.device == "cuda" or is_wrn or args.width >= 16
+    if "finetune_lr" in args.explicit and not args.finetune_epochs:
+        p.error("argument --finetune-lr: there is no fine-tuning stage to use it; add --finetune-epochs K")
     if is_wrn and "width" in args.explicit:
         p.error(f"argument --width: {args.arch}'s name gives its widths (wrn-DEPTH-WIDEN); drop --width")
     return args
@@ -117,21 +124,45 @@ def make_model(args, device):
     return model, torch.compile(model, dynamic=False) if args.compile else model
 
 
-def evaluate(model, x, y, args, batch_size=500):
+def evaluate(model, x, y, args, batch_size=500, keep=None):
     """Correct counts [clean, PGD] on a uint8 set, as a device tensor: PGD-10 at --eps with step eps/4 (2/255 at
     the default eps) from a uniform start, whatever the training attack's --steps and --alpha, so that runs with
     other training attacks are ranked with one ruler; eval mode. An image counts as robust only if its clean
     version is right too, as eval.py (AutoAttack) counts, so robust never exceeds clean. float32: TF32 is off
-    here even where cuDNN would use it (Ampere and later)."""
+    here even where cuDNN would use it (Ampere and later). `keep`, a list, receives the PGD images batch by batch."""
     model.eval()
     correct = torch.zeros(2, device=x.device)
     with fp32_exact():
         for xb, yb in batches(x, y, batch_size):
             x_adv = pgd(model, xb, yb, args.eps, max(args.eps / 4, 1e-6), VAL_STEPS)
+            if keep is not None:
+                keep.append(x_adv)
             with torch.no_grad():
                 right = model(xb).argmax(1) == yb
                 correct += torch.stack([right.sum(), (right & (model(x_adv).argmax(1) == yb)).sum()])
     return correct
+
+
+def diagnose(model, x, x_adv, y, args):
+    """What the contrastive term has learned, on the validation slice (eval mode, no augmentation) and its PGD
+    images: anchor.loss_diagnostics over chunks of --batch-size images, as many as a training batch, so that its
+    reference values are those of the logged term (supcon's with beta 0; ce and trades get anchor's t and beta),
+    averaged over the chunks; and the backbone's cosines (anchor.feature_cosines). A dict of floats."""
+    model.eval()
+    size = min(args.batch_size, len(x))
+    beta = 0.0 if args.loss == "supcon" else args.beta
+    parts, backbone = [], {"clean": [], "adv": []}
+    with torch.no_grad(), fp32_exact():
+        for (xb, yb), xa in zip(batches(x, y, size, drop_last=True), x_adv.split(size)):
+            h = {"clean": model.features(xb), "adv": model.features(xa)}  # (size, d) each
+            views = torch.stack([model.head(h["clean"]), model.head(h["adv"])], dim=1)  # (size, 2, proj_dim)
+            parts.append(loss_diagnostics(views, yb, args.temperature, beta))
+            for k in h:
+                backbone[k].append(h[k])
+    row = {f"con_{k}" if k in ("loss", "uniform", "collapse", "covered") else k: sum(p[k] for p in parts) / len(parts)
+           for k in parts[0]}
+    cos = feature_cosines(torch.cat(backbone["clean"]), torch.cat(backbone["adv"]), y[:len(parts) * size])
+    return {**row, **{f"backbone_{k}": v for k, v in cos.items()}}
 
 
 @contextlib.contextmanager
@@ -199,7 +230,8 @@ def train_epoch(run, args, epoch, stop):
         mine = [b[run.rank * share:(run.rank + 1) * share] for b in batch]  # xb, yb and, with a second view, xb2
         xb, yb, xb2 = (*mine, None)[:3]
         for group in run.opt.param_groups:
-            group["lr"] = lr_at((epoch - stage_start) * run.steps_per_epoch + step, stage_epochs * run.steps_per_epoch, args.lr)
+            group["lr"] = lr_at((epoch - stage_start) * run.steps_per_epoch + step, stage_epochs * run.steps_per_epoch,
+                                args.finetune_lr if finetune else args.lr)
         loss, parts, logits_adv, logits_clean = train_step(run.model, run.net, run.opt, xb, yb, args, finetune,
                                                            run.train_net, xb2)
         with torch.no_grad():  # running sums stay on the device: no host sync per step
@@ -217,16 +249,21 @@ def end_epoch(run, args, epoch, sums, seconds):
     """Validate, print and log the epoch's row, and write the checkpoints (best first)."""
     t0 = time.time()
     ddp.share_buffers(run.model, run.world)  # validate and save rank 0's model
-    counts = ddp.all_sum(evaluate(run.model, run.x_val, run.y_val, args), run.world).tolist()
+    x_adv = []
+    counts = ddp.all_sum(evaluate(run.model, run.x_val, run.y_val, args, keep=x_adv), run.world).tolist()
     val_clean, val_robust = (c / run.n_val if run.n_val else math.nan for c in counts)
+    # this rank's slice (rank 0's is logged): the contrastive term's range covered, the twin's weight, cosines
+    mechanism = diagnose(run.model, run.x_val, torch.cat(x_adv), run.y_val, args) if x_adv else {}
     n = run.steps_per_epoch * args.batch_size  # drop_last: every batch is full
     lr = run.opt.param_groups[0]["lr"]
     row = {"epoch": epoch + 1, "stage": "finetune" if run.opt.finetune else "train", "loss": sums[0] / n,
            "ce": sums[1] / n, "second": sums[2] / n, "train_clean": sums[4] / n, "train_adv": sums[3] / n,
-           "val_clean": val_clean, "val_pgd": val_robust, "lr": lr, "train_s": seconds, "s": seconds + time.time() - t0}
+           "val_clean": val_clean, "val_pgd": val_robust, "lr": lr, "train_s": seconds,
+           "s": seconds + time.time() - t0, **mechanism}
     run.history.append(row)
     print(f"{row['epoch']:>5} {row['loss']:7.4f} {row['ce']:7.4f} {row['second']:7.4f} {row['train_clean']:8.4f} "
-          f"{row['train_adv']:7.4f} {val_clean:9.4f} {val_robust:8.4f} {lr:7.4f} {row['s']:6.1f}", flush=True)
+          f"{row['train_adv']:7.4f} {val_clean:9.4f} {val_robust:8.4f} {row.get('con_covered', math.nan):7.3f} "
+          f"{lr:7.4f} {row['s']:6.1f}", flush=True)
     run.running.zero_()
     run.step = 0
     if run.opt.finetune and epoch == args.epochs:  # the fine-tuning stage is the method: its best is the best
@@ -242,19 +279,29 @@ def end_epoch(run, args, epoch, sums, seconds):
 
 
 @contextlib.contextmanager
-def stop_on_signal():
+def stop_on_signal(out):
     """Ctrl-C or SIGTERM (how `kill` and clusters stop a job; torchrun passes either on to every process) sets a
-    flag read between steps, so the saved state is never half-updated; a second signal stops at once."""
+    flag read between steps, so the saved state is never half-updated; a second signal stops at once, unsaved."""
     stop = []
 
     def handler(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
+        if stop:  # cli() prints the message as one line, without a traceback, and exits 130
+            kept = f"{out} keeps the last saved state" if os.path.exists(out) else f"nothing was saved to {out}"
+            raise KeyboardInterrupt(f"interrupted again: stopped without saving; {kept}")
         stop.append(signum)
-        print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to quit without saving)", flush=True)
+        print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to quit without saving)",
+              flush=True)
 
     with on_stop_signals(handler):
         yield stop
+
+
+def resume_command(args, world):
+    """The command that continues this run. --resume restores every flag that shapes the result from the
+    checkpoint, but not the runtime ones: --data (which need not be ./data) and those that were switched on."""
+    launch = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+    switched = "".join(f" --{k.replace('_', '-')}" for k in ("compile", "sync_bn") if getattr(args, k))
+    return f"{launch} train.py --resume --out {shlex.quote(args.out)} --data {shlex.quote(args.data)}{switched}"
 
 
 def train(run, args):
@@ -264,8 +311,8 @@ def train(run, args):
           f"steps {args.steps} | {run.device}{f' x {run.world} processes' if run.world > 1 else ''}"
           f"{' bf16' if args.amp else ''}{' compiled' if args.compile else ''}")
     print(f"{'epoch':>5} {'loss':>7} {'ce':>7} {'second':>7} {'tr_clean':>8} {'tr_adv':>7} "
-          f"{'val_clean':>9} {'val_pgd':>8} {'lr':>7} {'s':>6}")
-    with stop_on_signal() as stop:
+          f"{'val_clean':>9} {'val_pgd':>8} {'covered':>7} {'lr':>7} {'s':>6}")
+    with stop_on_signal(args.out) as stop:
         for epoch in range(run.epoch, args.epochs + args.finetune_epochs):
             t0 = time.time()
             finished = train_epoch(run, args, epoch, stop)
@@ -281,8 +328,7 @@ def train(run, args):
                     save_atomic(state, args.out)
             if not finished or ddp.any_rank(stop, run.world, run.device):
                 where = f"at epoch {epoch + 1}, step {run.step}" if not finished else f"after epoch {epoch + 1}"
-                launch = f"torchrun --nproc_per_node {run.world}" if run.world > 1 else "python"
-                print(f"interrupted: saved {args.out} {where}; continue with: {launch} train.py --resume --out {args.out}")
+                print(f"interrupted: saved {args.out} {where}; continue with: {resume_command(args, run.world)}")
                 return 128 + (stop[0] if stop else signal.SIGTERM)
     if run.history and run.rank == 0:
         plot = {"loss": [(r["epoch"], r["loss"]) for r in run.history]}
@@ -300,10 +346,16 @@ def main(args):
     torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN's autotuned kernels pay (CUDA only)
     user_errors = (CLIError, DataError, OSError)
     try:
+        total = args.epochs + args.finetune_epochs
+        if ckpt is not None and ckpt["epoch"] >= total:  # nothing left to train: say so, and rewrite no file
+            print(f"{args.out} is a finished run (epoch {ckpt['epoch']} of {total}): nothing to resume, no file "
+                  "changed. To train longer, start a new run with a new --out (and more --epochs)")
+            return 0
         if world > 1:  # rank 0 fetches a missing data set before the others read it
             ddp.agreed(lambda: rank == 0 and load_dataset(args.dataset, args.data, download=True), world, user_errors)
         run = ddp.agreed(lambda: set_up(args, ckpt, rank, world), world, user_errors)  # no collective inside
-        run.train_net = ddp.wrap(run.model, run.net, run.device, world, args.compile)  # a collective: once every rank's set-up succeeded
+        # a collective: once every rank's set-up succeeded
+        run.train_net = ddp.wrap(run.model, run.net, run.device, world, args.compile)
         resume.restore_rank_buffers(run.model, ckpt, rank)  # after the wrap, which gave every rank rank 0's
         return train(run, args)
     except RuntimeError as e:

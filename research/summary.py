@@ -10,6 +10,7 @@ import math
 import os
 import statistics
 
+import repo  # noqa: F401  the repository root on sys.path (research/repo.py)
 from cli import save_atomic_text
 
 TEST_METRICS = [("clean", "clean"), ("pgd20", "PGD-20"), ("autoattack", "AutoAttack")]
@@ -131,14 +132,16 @@ def ranking(runs, arms, reference, flags):
     return lines
 
 
-def curves(runs, arms):
-    """The second loss term per training epoch, mean over seeds: what the contrastive term did in each arm."""
+def curves(runs, arms, key="second", digits=3):
+    """A logged quantity per training epoch (default the second loss term), mean over seeds, a row per arm; an
+    epoch without it (older rows) is left blank."""
     width = max((len(epochs_of(r)) for r in runs.values()), default=0)
     lines = ["| arm | " + " | ".join(f"ep {k + 1}" for k in range(width)) + " |", "|---" * (1 + width) + "|"]
     for arm in arms:
         mine = [epochs_of(r) for (a, _), r in runs.items() if a == arm]
-        cells = [mean_sd([e[k]["second"] for e in mine if len(e) > k])[0] for k in range(width)]
-        lines.append(f"| {arm} | " + " | ".join(f"{c:.3f}" if math.isfinite(c) else "" for c in cells) + " |")
+        cells = [mean_sd([e[k][key] for e in mine if len(e) > k and e[k].get(key) is not None])[0]
+                 for k in range(width)]
+        lines.append(f"| {arm} | " + " | ".join(f"{c:.{digits}f}" if math.isfinite(c) else "" for c in cells) + " |")
     return lines
 
 
@@ -184,6 +187,11 @@ def summary_markdown(rows, arms, study, reference, compare=()):
     lines += ["", "## Validation ranking (the checkpoint each run keeps)", ""] + ranking(runs, arms, reference, flags)
     lines += ["", "## The second loss term per epoch, mean over seeds (contrastive for anchor and supcon, KL for "
               "trades, 0 for ce)", ""] + curves(runs, arms)
+    if any("con_covered" in e for r in runs.values() for e in epochs_of(r)):  # rows of train.py from 2026-12-07 on
+        lines += ["", "## The contrastive term's range covered on the validation slice, per epoch (0: a uniform "
+                  "batch, 1: each class collapsed; train.py's diagnose)", ""] + curves(runs, arms, "con_covered")
+        lines += ["", "## The adversarial twin's weight q per epoch (1/|P| would be SupCon's)", ""]
+        lines += curves(runs, arms, "q_twin", 4)
     lines += ["", "## Every run", ""] + every_run(rows)
     return "\n".join(lines) + "\n"
 

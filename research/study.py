@@ -1,10 +1,10 @@
 """A grid of train.py + eval.py runs (arms x seeds): resumable, one JSON row per finished run, and a summary.
 
-    python study.py --losses ce,supcon,anchor,trades --seeds 0,1,2 --out results/cpu_study -- --data ./data --width 8
-    python study.py --arm lam0="--loss anchor --lam 0" --grid temperature=0.05,0.2 --val-only --out DIR -- ...
-    python study.py ... (the same command again)       # after Ctrl-C, a crash or on another machine: continues
-    python study.py --out DIR --only ce,lam0 --seeds 0,1,2 -- ...   # arms already defined there: test-evaluate
-    python study.py --out results/cpu_study --summarize  # only rewrite the table and chart from the rows
+    python research/study.py --losses ce,supcon,anchor,trades --seeds 0,1,2 --out results/cpu_study -- --data ./data --width 8
+    python research/study.py --arm lam0="--loss anchor --lam 0" --grid temperature=0.05,0.2 --val-only --out DIR -- ...
+    python research/study.py ... (the same command again)       # after Ctrl-C, a crash or on another machine: continues
+    python research/study.py --out DIR --only ce,lam0 --seeds 0,1,2 -- ...   # arms already defined there: test-evaluate
+    python research/study.py --out results/cpu_study --summarize  # only rewrite the table and chart from the rows
 
 An arm is a set of train.py flags with a name: `--losses L,L` (arm L: --loss L), `--arm NAME="FLAGS"`, or
 `--grid FLAG=V,V` (one arm per value, one factor at a time: arm FLAGV sets --FLAG V). For each seed, then each
@@ -34,6 +34,7 @@ import time
 
 import torch
 
+import repo  # noqa: F401  the repository root on sys.path (research/repo.py)
 import arms
 import resume
 import train
@@ -42,7 +43,7 @@ from data import DATASETS
 from eval import attack_list
 from summary import arm_of, summarize
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = repo.ROOT  # where train.py, eval.py and the git history are
 SUMMARY_FLAGS = {"--summarize", "--out", "--reference", "--compare"}
 EVAL_FLAGS = {"--n", "--attacks", "--aa-n", "--eval-batch-size"}  # the test evaluation's settings
 

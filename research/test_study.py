@@ -13,7 +13,7 @@ import torch
 
 import study
 import summary
-from test_cli import HERE, TINY, assert_user_error, run_here
+from test_cli import TINY, assert_user_error, run_here
 from test_data import make_cifar
 
 
@@ -31,7 +31,7 @@ def test_sweep_fails_stops_resumes_then_test_evaluation_reuses_the_checkpoints(t
     sweep = ["--grid", "lam=0,2", "--val-only", *shared]
     os.makedirs(out / "runs" / "lam0_s0.pt")  # lam0's checkpoint path is a folder: train.py refuses it
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "study.py"), *map(str, sweep)],
+    p = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "study.py"), *map(str, sweep)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 60
     while not (out / "runs" / "lam2_s0.pt").exists() and time.time() < deadline:  # lam2's first epoch is saved
@@ -65,6 +65,8 @@ def test_sweep_fails_stops_resumes_then_test_evaluation_reuses_the_checkpoints(t
     assert json.loads((out / "study.json").read_text())["arms"] == {"lam0": ["--lam", "0"], "lam2": ["--lam", "2"]}
     md = (out / "summary.md").read_text()
     assert "## Validation ranking" in md and "failed in train" in md and " → " in md  # loss terms
+    covered = md.split("range covered")[1].split("\n| lam2 |")[1].split("\n")[0]  # lam2's row: 3 epochs
+    assert len([c for c in covered.split("|") if c.strip()]) == 3 and "twin's weight q" in md
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN where pytest itself was started in the background
     again = run_here(study, "--val-only", *shared, capsys=capsys)  # no arm named: the study's own
     assert again.returncode == 0 and "2 runs, 2 finished before, 0 to run" in again.stdout, again.stdout + again.stderr

@@ -7,6 +7,7 @@ against train.py and the study's stored arms before any run starts.
 import re
 import shlex
 
+import repo  # noqa: F401  the repository root on sys.path (research/repo.py)
 import train
 from cli import CLIError, flag_names
 

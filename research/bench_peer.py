@@ -1,7 +1,7 @@
 """train.py against a plain PGD-AT loop written the usual way, side by side on the same machine and data.
 
-    python bench_peer.py --data ./data                     # CPU: ResNet-18 width 16, batch 128, PGD-10, 1,280 images
-    python bench_peer.py --data ./data --repeats 3 --json results/bench_peer_cpu.json
+    python research/bench_peer.py --data ./data                     # CPU: ResNet-18 width 16, batch 128, PGD-10, 1,280 images
+    python research/bench_peer.py --data ./data --repeats 3 --json results/bench_peer_cpu.json
 
 The peer is what most adversarial-training repositories do: a Dataset that crops and flips one image at a time
 behind a DataLoader, a PGD loop that calls loss.backward() (which also computes every parameter's gradient,
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import repo  # the repository root on sys.path (research/repo.py)
 import cli
 from data import DATASETS, load_dataset
 from model import build_model
@@ -71,7 +72,7 @@ def train_py_epoch(args, loss):
     """images/s of one real train.py epoch (its own train_s: training steps only, validation excluded)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "b.pt")
-        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--data", args.data,
+        cmd = [sys.executable, os.path.join(repo.ROOT, "train.py"), "--data", args.data,
                "--loss", loss, "--epochs", "1", "--limit", str(args.images), "--val", "0", "--batch-size",
                str(args.batch_size), "--width", str(args.width), "--steps", str(args.steps), "--device", "cpu",
                "--out", out, *args.train_flags]
