@@ -83,7 +83,7 @@ def get_args(argv=None):
     p.add_argument("--attacks", type=attack_list, default=list(DEFAULT_ATTACKS),
                    help=f"comma-separated subset of {','.join(ALL_NAMES)}; autoattack is AutoAttack's standard "
                    "cascade (APGD-CE, APGD-T, Square with 5,000 queries) less FAB-T, which in AutoAttack's published "
-                   "logs breaks a few images in thousands after the APGD stages (see README)")
+                   "logs breaks a few images in thousands after the APGD stages (see docs/usage.md)")
     p.add_argument("--eps", type=eps_type, default=8 / 255, help="L-inf radius in [0, 1] pixel units (0.031 or 8/255)")
     p.add_argument("--alpha", type=positive(eps_type), default=2 / 255, help="PGD and CW-inf step size, pixel units")
     p.add_argument("--batch-size", type=positive(int), default=500, help="images per attack batch")

@@ -56,3 +56,22 @@ def test_an_input_of_one_class_is_warned_about(trained_model, capsys):
     assert f"warning: {warning}" in capsys.readouterr().out
     result = eval_cli.robustness(model, x[two], y[two], attacks="clean", batch_size=16, progress=False)
     assert not any("every image" in w for w in result["warnings"])
+
+
+def test_docs_snippet_runs_as_written(trained_model, tmp_path, monkeypatch, capsys):
+    """docs/usage.md's "Evaluate your own model" block, run as written (CPU, data in ./data) with the fixture's
+    model for `model = ...`: no .cuda(), a subset spread over the classes, every class present."""
+    import os
+    from test_data import make_cifar
+    here = os.path.dirname(os.path.abspath(__file__))
+    text = open(os.path.join(here, "docs", "usage.md")).read().split("## Evaluate your own model")[1]
+    code = text.split("```python\n")[1].split("```")[0]
+    assert code.count("model = ...") == 1 and ".cuda()" not in code
+    make_cifar(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(code.replace("model = ...", "model = fixture"), {"fixture": trained_model[0]}, scope)
+    report = scope["report"]
+    assert set(report["accuracy"]) >= {"clean", "pgd20", "autoattack", "worst"}
+    assert len(scope["y"].unique()) > 1 and not any("every image" in w for w in report["warnings"])
+    assert "{" in capsys.readouterr().out  # the prints ran

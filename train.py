@@ -35,7 +35,7 @@ from step import lr_at, make_optimizer, train_step, unused_flag
 
 LOSSES = ("anchor", "supcon", "ce", "trades")
 VAL_STEPS = 10  # the validation attack: PGD-10 at step eps/4 (evaluate)
-FINETUNE_LR = 0.02  # the fine-tuning stage's peak: chosen on validation (docs/results.md, the fine-tuning stage)
+FINETUNE_LR = 0.002  # the fine-tuning stage's peak, chosen on validation (results/cpu_finetune/README.md)
 
 
 def parser():

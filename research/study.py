@@ -11,7 +11,8 @@ An arm is a set of train.py flags with a name: `--losses L,L` (arm L: --loss L),
 arm, the run `OUT/runs/ARM_sSEED` is trained by train.py (the shared flags after `--`, the arm's flags, --seed,
 --out), continued with --resume if a checkpoint is there, and its .best.pt (chosen on train.py's validation
 slice, never the test set) is evaluated by eval.py: --attacks on --n test images, and AutoAttack on the first
---aa-n of those same images. --val-only skips the test set; a later run without it evaluates the same
+--aa-n of those same images (--eval-last: the last epoch's checkpoint too; --eps-sweep-seed S: an eps sweep for
+seed S). --val-only skips the test set; a later run without it evaluates the same
 checkpoints, training nothing again. Runs of one seed start from the same weights and see the same data order
 unless an arm changes the model or the data (--arch, --width, --limit, --batch-size), so arms are compared
 paired by seed. OUT holds:
@@ -45,7 +46,7 @@ from summary import arm_of, summarize
 
 HERE = repo.ROOT  # where train.py, eval.py and the git history are
 SUMMARY_FLAGS = {"--summarize", "--out", "--reference", "--compare"}
-EVAL_FLAGS = {"--n", "--attacks", "--aa-n", "--eval-batch-size"}  # the test evaluation's settings
+EVAL_FLAGS = {"--n", "--attacks", "--aa-n", "--eval-batch-size", "--eval-last", "--eps-sweep-seed"}  # the test's
 
 
 def get_args(argv=None):
@@ -72,6 +73,10 @@ def get_args(argv=None):
     p.add_argument("--attacks", type=attack_list, default=["clean", "pgd20"], help="eval.py attacks on the --n images")
     p.add_argument("--aa-n", type=non_negative(int), default=500, help="AutoAttack on the first N of those images (0: none)")
     p.add_argument("--eval-batch-size", type=positive(int), default=500, help="eval.py --batch-size")
+    p.add_argument("--eval-last", action="store_true",
+                   help="also evaluate each run's last epoch (--attacks on the --n images), beside its best one")
+    p.add_argument("--eps-sweep-seed", type=seed_type, default=None,
+                   help="the runs of this seed also sweep eps (eval.py --eps-sweep) on the --aa-n images")
     p.add_argument("--summarize", action="store_true", help="only rewrite summary.md and summary.svg from rows.jsonl")
     args = p.parse_args(own)
     pairs = [c.split(":") for c in args.compare]
@@ -99,6 +104,8 @@ def get_args(argv=None):
         p.error(f"argument --seeds: {args.seeds!r} is not a comma-separated list of integers in [0, 2**32), e.g. 0,1,2")
     if len(set(args.seeds)) < len(args.seeds):
         p.error(f"argument --seeds: {args.seeds} repeats a seed")
+    if args.eps_sweep_seed is not None and not args.aa_n:
+        p.error("argument --eps-sweep-seed: the sweep runs with AutoAttack on the --aa-n images; set --aa-n N > 0")
     if args.aa_n > args.n:
         p.error(f"argument --aa-n: {args.aa_n} is more than --n {args.n}; AutoAttack runs on a subset of those images")
     taken = [f for f in flag_names(train_flags) if f in arms.STUDY_FLAGS]
@@ -136,6 +143,9 @@ def recipe(args):
     evaluation's settings count from the first invocation that evaluates: a validation-only sweep fixes none."""
     evaluation = {} if args.val_only else {"n": args.n, "attacks": args.attacks, "aa_n": args.aa_n,
                                            "eval_batch_size": args.eval_batch_size}  # random starts are drawn per batch
+    if not args.val_only:  # recorded only where set, so that the studies from before these flags still match
+        evaluation.update({"eval_last": True} if args.eval_last else {})
+        evaluation.update({"eps_sweep_seed": args.eps_sweep_seed} if args.eps_sweep_seed is not None else {})
     return {"train_flags": args.train_flags, **evaluation}
 
 
@@ -252,14 +262,18 @@ def run_one(args, arm, seed, runs, data):
            "n_val": best_ckpt["config"]["train"]["val"], "train_s": sum(r["s"] for r in history), "history": history,
            "command": cmd, "train_config": best_ckpt["config"]["train"], "eval_commands": [], "eval_s": 0.0,
            "accuracy": {}, "n": {}, "autoattack_stages": None}
-    evals = [] if args.val_only else [(args.attacks, args.n, "eval")] + ([(["autoattack"], args.aa_n, "aa")] if args.aa_n else [])
-    for attacks, n, tag in evals:
+    # (attacks, images, tag, checkpoint, extra flags): the best epoch's, AutoAttack's, the last epoch's
+    sweep = ["--eps-sweep"] if seed == args.eps_sweep_seed else []
+    evals = [] if args.val_only else [(args.attacks, args.n, "eval", files["best"], [])] + (
+        [(["autoattack"], args.aa_n, "aa", files["best"], sweep)] if args.aa_n else []) + (
+        [(args.attacks, args.n, "last", ckpt, [])] if args.eval_last else [])
+    for attacks, n, tag, evaluated, extra in evals:
         out = f"{stem}.{tag}.json"
-        cmd = [sys.executable, os.path.join(HERE, "eval.py"), files["best"], "--data", args.train.data, "--n", str(n),
+        cmd = [sys.executable, os.path.join(HERE, "eval.py"), evaluated, "--data", args.train.data, "--n", str(n),
                "--attacks", ",".join(attacks), "--batch-size", str(args.eval_batch_size), "--device",
-               args.train.device, "--json", out]
+               args.train.device, "--json", out, *extra]
         row["eval_commands"].append(cmd)
-        fresh = os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(files["best"])
+        fresh = os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(evaluated)
         t0 = time.time()
         code, last = (0, "") if fresh else Child.run(cmd, log)
         if Child.stopped:
@@ -270,8 +284,12 @@ def run_one(args, arm, seed, runs, data):
             result = json.load(f)
         row["eval_s"] += time.time() - t0
         for name, acc in result["accuracy"].items():
-            if name != "worst":
+            if name != "worst" and tag != "last":
                 row["accuracy"][name], row["n"][name] = acc, result["n"]
+            elif name != "worst":  # the last epoch's, apart: "last_clean", "last_pgd20"
+                row["accuracy"][f"last_{name}"], row["n"][f"last_{name}"] = acc, result["n"]
+        if "eps_sweep" in result:  # with the sweep's gradient-masking warning, if it fired
+            row.update(eps_sweep=result["eps_sweep"], eval_warnings=result["warnings"])
         row.update(device=result["device"], torch=result["torch"])
         if result.get("autoattack_stages") is not None:  # from the AutoAttack evaluation only
             row["autoattack_stages"] = result["autoattack_stages"]

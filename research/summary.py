@@ -14,6 +14,7 @@ import repo  # noqa: F401  the repository root on sys.path (research/repo.py)
 from cli import save_atomic_text
 
 TEST_METRICS = [("clean", "clean"), ("pgd20", "PGD-20"), ("autoattack", "AutoAttack")]
+LAST_METRICS = [("last_clean", "clean, last epoch"), ("last_pgd20", "PGD-20, last epoch")]  # study.py --eval-last
 VAL_METRICS = [("val_clean", "val clean"), ("val_pgd", "val PGD")]
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; 2.0 beyond (2.021 at 40, 1.96 at infinity).
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -175,15 +176,24 @@ def summary_markdown(rows, arms, study, reference, compare=()):
     lines = ["# Study summary", "", f"Shared train.py flags: `{' '.join(study['train_flags'])}`; test evaluation: "
              f"{evaluation}. Accuracy in %, mean ± standard deviation over seeds; differences in points, paired by "
              "seed, with a 95% t-interval over the seed differences (`*` where it excludes 0).", ""]
+    last = any("last_clean" in r.get("accuracy", {}) for r in runs.values())
+    test_metrics = TEST_METRICS + (LAST_METRICS if last else [])
     if tested:
         test_runs = {k: r for k, r in runs.items() if not r.get("val_only")}
-        lines += ["## Test set", ""] + arm_table(test_runs, tested, TEST_METRICS)
+        lines += ["## Test set", ""] + arm_table(test_runs, tested, test_metrics)
         if reference in tested:
             pairs = [(a, reference) for a in tested if a != reference]
-            lines += ["", f"Difference to {reference}:", ""] + diff_table(test_runs, pairs, TEST_METRICS)
+            lines += ["", f"Difference to {reference}:", ""] + diff_table(test_runs, pairs, test_metrics)
     if compare:  # the named comparisons: validation, and the test metrics where both arms were evaluated
-        metrics = VAL_METRICS + (TEST_METRICS if tested else [])
+        metrics = VAL_METRICS + (test_metrics if tested else [])
         lines += ["", "## Comparisons", ""] + diff_table(runs, compare, metrics)
+    swept = sorted((k, r) for k, r in runs.items() if r.get("eps_sweep"))
+    if swept:  # eval.py --eps-sweep: accuracy should fall to ~0 at large eps, else suspect gradient masking
+        lines += ["", "## PGD-20 accuracy over eps (the best checkpoint, the AutoAttack images)", "",
+                  "| arm | seed | " + " | ".join(f"{round(e * 255)}/255" for e, _ in swept[0][1]["eps_sweep"])
+                  + " | warnings |", "|---" * (3 + len(swept[0][1]["eps_sweep"])) + "|"]
+        lines += [f"| {a} | {s} | " + " | ".join(pct(acc) for _, acc in r["eps_sweep"])
+                  + f" | {'; '.join(r.get('eval_warnings', [])) or 'none'} |" for (a, s), r in swept]
     lines += ["", "## Validation ranking (the checkpoint each run keeps)", ""] + ranking(runs, arms, reference, flags)
     lines += ["", "## The second loss term per epoch, mean over seeds (contrastive for anchor and supcon, KL for "
               "trades, 0 for ce)", ""] + curves(runs, arms)

@@ -74,19 +74,21 @@ def test_sweep_fails_stops_resumes_then_test_evaluation_reuses_the_checkpoints(t
 
     best = out / "runs" / "lam2_s0.best.pt"
     kept = (best.stat().st_mtime_ns, best.read_bytes())
-    test = ["--only", "lam2", "--n", "20", "--aa-n", "4", *shared]
+    test = ["--only", "lam2", "--n", "20", "--aa-n", "4", "--eval-last", "--eps-sweep-seed", "0", *shared]
     r = run_here(study, *test, capsys=capsys)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "1 runs, 0 finished before, 1 to run" in r.stdout and "train.py" not in r.stdout  # nothing trained
     assert (best.stat().st_mtime_ns, best.read_bytes()) == kept
     last = rows(out)[-1]
     assert (last["arm"], last["val_only"], last["val_pgd"]) == ("lam2", False, val[1]["val_pgd"])
-    assert set(last["accuracy"]) == {"clean", "pgd20", "autoattack"}
-    assert last["n"] == {"clean": 20, "pgd20": 20, "autoattack": 4}
+    assert set(last["accuracy"]) == {"clean", "pgd20", "autoattack", "last_clean", "last_pgd20"}
+    assert last["n"] == {"clean": 20, "pgd20": 20, "autoattack": 4, "last_clean": 20, "last_pgd20": 20}
+    assert "runs/lam2_s0.pt" in " ".join(last["eval_commands"][-1])  # --eval-last: the last epoch's checkpoint
+    assert [e for e, _ in last["eps_sweep"]][-1] == pytest.approx(32 / 255) and "eval_warnings" in last
     assert set(last["autoattack_stages"]) == {"apgd_ce", "apgd_t", "square"}  # from the second evaluation
     assert 0 <= last["accuracy"]["autoattack"] <= last["accuracy"]["clean"] <= 1
     md = (out / "summary.md").read_text()
-    assert "## Test set" in md and "| lam2 | 1 |" in md
+    assert "## Test set" in md and "| lam2 | 1 |" in md and "PGD-20, last epoch" in md and "32/255" in md
     assert (out / "summary.svg").read_text().count("<circle") == 2 + 3  # val PGD of 2 runs, 3 test metrics of 1
     again = run_here(study, *test, capsys=capsys)
     assert again.returncode == 0 and "1 runs, 1 finished before, 0 to run" in again.stdout, again.stdout + again.stderr
@@ -106,6 +108,8 @@ def test_sweep_fails_stops_resumes_then_test_evaluation_reuses_the_checkpoints(t
     (["--summarize", "--losses", "ce"], [], ["--summarize", "drop --losses"]),
     (["--summarize"], ["--epochs", "2"], ["--summarize", "train.py flags after --"]),
     (["--aa-n", "30", "--n", "20"], [], ["--aa-n"]),
+    (["--val-only", "--eval-last"], [], ["--eval-last", "--val-only"]),
+    (["--eps-sweep-seed", "0", "--aa-n", "0"], [], ["--eps-sweep-seed", "--aa-n"]),
     ([], ["--seed", "3"], ["--seed", "study.py sets"]),
     ([], ["--epochs", "0"], ["train.py flags", "--epochs"]),
     ([], ["--limit", "100000"], ["--limit"]),  # refused by train.py only once it reads the data: still up front
@@ -240,3 +244,10 @@ def test_a_finished_checkpoint_is_reused_only_for_its_own_recipe(tmp_path):
     assert not study.finished(str(ckpt), study.arms.check("a", ["--lam", "2"], ["--epochs", "4", *TINY]), 1)
     (tmp_path / "a_s1.jsonl").unlink()
     assert not study.finished(str(ckpt), args, 1)  # its log is missing
+
+
+def test_missing_data_without_network(tmp_path, capsys):
+    """study.py fetches missing data as train.py would, and says what a user of the CLI can do."""
+    r = run_here(study, "--out", tmp_path / "s", "--", "--data", tmp_path / "nowhere", *TINY, capsys=capsys)
+    assert_user_error(r, "by hand", "--data")
+    assert "download=True" not in r.stderr and not (tmp_path / "s").exists()
