@@ -4,7 +4,7 @@
     python train.py --loss ce --epochs 30                         # Madry PGD-AT, the baseline
     python train.py --arch wrn-34-10 --dataset cifar100           # a WideResNet-34-10 on CIFAR-100
     python train.py --width 16 --limit 2000 --epochs 2 --device cpu --out quick.pt   # minutes on a CPU
-    python train.py --resume --out ckpt.pt                        # continue after Ctrl-C or a crash
+    python train.py --resume --out ckpt.pt --data DIR             # continue after Ctrl-C (the command it prints)
     torchrun --nproc_per_node 8 train.py --epochs 100             # the same run on 8 GPUs (DDP)
 
 Writes OUT (last epoch), OUT with .best.pt (best PGD accuracy on the held-out --val slice; adversarial
