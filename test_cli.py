@@ -163,7 +163,7 @@ def test_eval_subset_and_cw_l2_json_equals_robustness(trained, tmp_path, monkeyp
 
 # channels-last at width 8: at width 4 oneDNN's AVX2 NHWC kernel for the 4-channel 1x1 stride-2 shortcut's weight
 # gradient corrupts memory (docs/speed.md, "The CPU layout"), and .ci/run runs this file under ONEDNN_MAX_CPU_ISA=AVX2
-@pytest.mark.parametrize("layout", [[], ["--channels-last", "--width", "8"], ["--amp"]])
+@pytest.mark.parametrize("layout", [[], ["--channels-last", "--width", "8"], ["--amp"]], ids=["nchw", "nhwc", "bf16"])
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys, layout):
     """Ctrl-C mid-epoch, then the resume command train.py prints: the same weights as a run never stopped (CPU,
     fixed seed). It names no flag but --out and --data, so the checkpoint gives the memory layout too (NHWC and NCHW

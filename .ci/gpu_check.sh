@@ -33,7 +33,7 @@ if [ $dry = 1 ]; then
     arm=(--width 4 --limit 64 --val 20 --batch-size 32 --steps 2)
     evaluate=(--n 10)
     quick_eval=(--n 10 --attacks clean,pgd20)
-    term_epochs=6
+    term_epochs=4
     aa_n=10
     bench=(--width 4 --batch-size 8 --steps 1 --warmup 0 --iters 1 --variants fp32,bf16)
     epoch_s=60 eval_s=5  # one epoch an arm
