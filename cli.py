@@ -59,11 +59,27 @@ def non_negative(kind):
 
 
 def resolve_device(parser, args):
-    """--device defaults to cuda when available."""
+    """--device defaults to cuda when available. --amp on a CPU without native bf16 is allowed, with a warning."""
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda is not available on this machine; use --device cpu")
+    if getattr(args, "amp", False) and args.device == "cpu" and cpu_flags() and not cpu_flags() & BF16_FLAGS:
+        print(f"{parser.prog}: warning: --amp on a CPU without native bf16 (none of {', '.join(sorted(BF16_FLAGS))} "
+              "in /proc/cpuinfo): bf16 is emulated there, 2-10x slower than float32 as measured (docs/speed.md); "
+              "drop --amp", file=sys.stderr)
+
+
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # the CPU instructions that run bf16 natively (lscpu's names)
+
+
+def cpu_flags():
+    """The CPU's instruction-set flags from /proc/cpuinfo (Linux), or an empty set where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
 
 
 def flag_names(argv):

@@ -275,3 +275,16 @@ def test_finetune_lr_is_the_stage_peak_and_refused_without_the_stage():
     assert step.make_optimizer(model, args, finetune=False).param_groups[0]["lr"] == args.lr == 0.2
     with pytest.raises(CLIError, match="--finetune-lr.*--finetune-epochs"):
         train.get_args([*TINY, "--finetune-lr", "0.005"])
+
+
+def test_amp_on_a_cpu_without_native_bf16_warns(monkeypatch, capsys):
+    """bf16 is emulated without avx512_bf16 or amx_bf16 (2-10x slower than float32, docs/speed.md): --amp on such a
+    CPU is allowed with one warning; on a CPU with either flag, or where the flags cannot be read, nothing is said."""
+    import cli
+    for flags, warned in (({"avx2", "fma"}, True), ({"avx2", "amx_bf16"}, False), (set(), False)):
+        monkeypatch.setattr(cli, "cpu_flags", lambda: flags)
+        assert train.get_args([*TINY, "--amp"]).amp
+        err = capsys.readouterr().err
+        assert ("warning: --amp on a CPU without native bf16" in err) == warned and err.count("\n") == int(warned)
+    train.get_args(TINY)  # no --amp: nothing to say
+    assert capsys.readouterr().err == ""
