@@ -64,13 +64,16 @@ def resolve_device(parser, args):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda is not available on this machine; use --device cpu")
-    if getattr(args, "amp", False) and args.device == "cpu" and cpu_flags() and not cpu_flags() & BF16_FLAGS:
+    flags = cpu_flags()
+    if getattr(args, "amp", False) and args.device == "cpu" and flags and not flags & BF16_FLAGS and not WARNED:
+        WARNED.add("bf16")  # once a process: bench.py parses train.py's flags for every variant
         print(f"{parser.prog}: warning: --amp on a CPU without native bf16 (none of {', '.join(sorted(BF16_FLAGS))} "
               "in /proc/cpuinfo): bf16 is emulated there, 2-10x slower than float32 as measured (docs/speed.md); "
               "drop --amp", file=sys.stderr)
 
 
 BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # the CPU instructions that run bf16 natively (lscpu's names)
+WARNED = set()
 
 
 def cpu_flags():
@@ -244,5 +247,6 @@ def cli(main_fn, args_fn, prog):
         sys.exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C where no handler saves (or a second one in train.py): no traceback
         if int(os.environ.get("RANK", 0)) == 0:  # torchrun signals every rank: rank 0 says it
-            print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)  # 130, as a shell reports a process that Ctrl-C stopped
+            print(f"{prog}: {str(e) or 'interrupted'}", file=sys.stderr)
+        # 128 + the signal, as a shell reports a process it stopped: 130 for Ctrl-C, 143 for a second SIGTERM
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))

@@ -353,7 +353,7 @@ def load(args):
     """(checkpoint, model in eval mode on args.device, test images float [n, 3, 32, 32] in [0, 1], labels [n])."""
     ckpt = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt, args.ckpt).to(args.device).eval()
-    if args.device == "cuda":  # train.py's rule: NHWC on CUDA; NCHW on the CPU (oneDNN's AVX2 NHWC kernels crash)
+    if args.device == "cuda":  # NHWC on CUDA; NCHW on the CPU at every width (train.py: NHWC there from width 16)
         model = model.to(memory_format=torch.channels_last)
     dataset = ckpt["config"].get("train", {}).get("dataset", "cifar10")  # older checkpoints are CIFAR-10's
     _, _, x_test, y_test = load_dataset(dataset, args.data, download=True)

@@ -223,26 +223,36 @@ def test_resume_command_under_torchrun():
                                                          "--out", "runs/a b.pt", "--data", "my data", "--sync-bn"]
 
 
-def test_second_ctrl_c_stops_at_once_in_one_line(tmp_path, monkeypatch, capsys):
-    """Ctrl-C twice before the first step ends: no checkpoint, exit status 130, and one line on stderr saying so
-    (no traceback)."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_second_ctrl_c_stops_at_once_in_one_line(tmp_path, monkeypatch, capsys, signum):
+    """Ctrl-C (or SIGTERM) twice before the first step ends: no checkpoint, exit status 128 + the signal, and one
+    line on stderr saying so (no traceback)."""
     make_cifar(tmp_path)
     out = tmp_path / "twice.pt"
     real_batches = train.batches
 
     def twice(*args, **kwargs):
         for batch in real_batches(*args, **kwargs):
-            signal.raise_signal(signal.SIGINT)  # the handler runs inside raise_signal: the second one raises here
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)  # the handler runs inside raise_signal: the second one raises here
+            signal.raise_signal(signum)
             yield batch
     monkeypatch.setattr(train, "batches", twice)
     try:
         r = run_here(train, "--data", tmp_path, "--epochs", 1, "--out", out, *TINY, capsys=capsys)
     except KeyboardInterrupt:  # caught here, or pytest would take it for the user's Ctrl-C and stop the session
         pytest.fail("a second Ctrl-C escaped train.py's cli() as a KeyboardInterrupt")
-    assert r.returncode == 130 and "saving after this step" in r.stdout
+    assert r.returncode == 128 + signum and "saving after this step" in r.stdout
     assert r.stderr.splitlines() == [f"train.py: interrupted again: stopped without saving; nothing was saved to {out}"]
     assert not out.exists()
+
+
+def test_plain_ctrl_c_is_one_line(capsys):
+    """A Ctrl-C where no handler saves (eval.py, say): "interrupted", exit 130, no traceback."""
+    def main(args):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_:
+        cli.cli(main, lambda: None, "eval.py")
+    assert exit_.value.code == 130 and capsys.readouterr().err == "eval.py: interrupted\n"
 
 
 def test_resume_of_a_finished_run_says_so_and_writes_nothing(trained, capsys):

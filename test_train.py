@@ -183,7 +183,8 @@ def test_finetune_stage_keeps_its_own_best_and_resume_refuses_younger_flags(tmp_
     assert best["epoch"] == 3 and best["finetune"]
     import json, math
     for row in map(json.loads, open(tmp_path / "ft.jsonl")):  # the mechanism, every epoch: 20 val images, one chunk
-        assert row["con_uniform"] == pytest.approx(math.log(2 * 20 - 1)) and row["con_collapse"] < row["con_uniform"]
+        assert row["con_batch"] == 20 and row["con_uniform"] == pytest.approx(math.log(2 * 20 - 1))
+        assert row["con_collapse"] < row["con_uniform"]
         assert row["con_covered"] == pytest.approx((row["con_uniform"] - row["con_loss"]) /
                                                    (row["con_uniform"] - row["con_collapse"]))
         assert 0 < row["q_twin"] < 1 and 0 < row["inv_positives"] < 1
@@ -283,6 +284,7 @@ def test_amp_on_a_cpu_without_native_bf16_warns(monkeypatch, capsys):
     import cli
     for flags, warned in (({"avx2", "fma"}, True), ({"avx2", "amx_bf16"}, False), (set(), False)):
         monkeypatch.setattr(cli, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(cli, "WARNED", set())  # once a process: each case starts afresh
         assert train.get_args([*TINY, "--amp"]).amp
         err = capsys.readouterr().err
         assert ("warning: --amp on a CPU without native bf16" in err) == warned and err.count("\n") == int(warned)

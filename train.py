@@ -145,9 +145,11 @@ def evaluate(model, x, y, args, batch_size=500, keep=None):
 
 def diagnose(model, x, x_adv, y, args):
     """What the contrastive term has learned, on the validation slice (eval mode, no augmentation) and its PGD
-    images: anchor.loss_diagnostics over chunks of --batch-size images, as many as a training batch, so that its
-    reference values are those of the logged term (supcon's with beta 0; ce and trades get anchor's t and beta),
-    averaged over the chunks; and the backbone's cosines (anchor.feature_cosines). A dict of floats."""
+    images: anchor.loss_diagnostics over whole chunks of --batch-size images, as many as a training batch, so that
+    its reference values are those of the logged term (supcon's with beta 0; ce and trades get anchor's t and
+    beta), averaged over the chunks; and the backbone's cosines (anchor.feature_cosines) over the first 1,000 of
+    those images. A slice smaller than a batch (this rank's, under torchrun) is one smaller chunk: "con_batch"
+    says how many images a chunk held. A dict of floats."""
     model.eval()
     size = min(args.batch_size, len(x))
     beta = 0.0 if args.loss == "supcon" else args.beta
@@ -161,8 +163,9 @@ def diagnose(model, x, x_adv, y, args):
                 backbone[k].append(h[k])
     row = {f"con_{k}" if k in ("loss", "uniform", "collapse", "covered") else k: sum(p[k] for p in parts) / len(parts)
            for k in parts[0]}
-    cos = feature_cosines(torch.cat(backbone["clean"]), torch.cat(backbone["adv"]), y[:len(parts) * size])
-    return {**row, **{f"backbone_{k}": v for k, v in cos.items()}}
+    n = min(len(parts) * size, 1000)  # (n, n) similarities: bounded
+    cos = feature_cosines(torch.cat(backbone["clean"])[:n], torch.cat(backbone["adv"])[:n], y[:n])
+    return {**row, "con_batch": size, **{f"backbone_{k}": v for k, v in cos.items()}}
 
 
 @contextlib.contextmanager
@@ -287,7 +290,9 @@ def stop_on_signal(out):
     def handler(signum, frame):
         if stop:  # cli() prints the message as one line, without a traceback, and exits 130
             kept = f"{out} keeps the last saved state" if os.path.exists(out) else f"nothing was saved to {out}"
-            raise KeyboardInterrupt(f"interrupted again: stopped without saving; {kept}")
+            again = KeyboardInterrupt(f"interrupted again: stopped without saving; {kept}")
+            again.signum = signum  # cli() exits 128 + this signal's number
+            raise again
         stop.append(signum)
         print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to quit without saving)",
               flush=True)

@@ -274,6 +274,9 @@ def run_one(args, arm, seed, runs, data):
                args.train.device, "--json", out, *extra]
         row["eval_commands"].append(cmd)
         fresh = os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(evaluated)
+        if fresh and extra:  # written without the eps sweep now asked for: evaluate again
+            with open(out) as f:
+                fresh = "eps_sweep" in json.load(f)
         t0 = time.time()
         code, last = (0, "") if fresh else Child.run(cmd, log)
         if Child.stopped:
@@ -344,9 +347,12 @@ def main(args):
         return 0
     saved = json.load(open(study_file)) if os.path.exists(study_file) else {}
     if saved:
-        diff = sorted(k for k, v in recipe(args).items() if k in saved and saved[k] != v)
+        # once the evaluation is fixed, its optional settings count when left out too (recipe records them if set)
+        unset = {"eval_last": False, "eps_sweep_seed": None} if "n" in saved and not args.val_only else {}
+        have = {**unset, **saved}
+        diff = sorted(k for k, v in {**unset, **recipe(args)}.items() if k in have and have[k] != v)
         if diff:
-            raise CLIError(f"{args.out} holds a study with other {', '.join(diff)} ({saved.get(diff[0])}); rerun with "
+            raise CLIError(f"{args.out} holds a study with other {', '.join(diff)} ({have.get(diff[0])}); rerun with "
                            "the same flags to continue it, or choose another --out")
     known = arms.settle(args, saved)  # every arm's flags judged by train.py, before any run
     fits = {(a.limit, a.val, a.batch_size): a for a in args.parsed.values()}

@@ -96,6 +96,8 @@ def test_sweep_fails_stops_resumes_then_test_evaluation_reuses_the_checkpoints(t
 
     r = run_here(study, "--arm", "lam2=--lam 3", *test[2:], capsys=capsys)
     assert_user_error(r, "arm lam2", "--lam 2")
+    r = run_here(study, *[f for f in test if f != "--eval-last"], capsys=capsys)  # left out: not silently dropped
+    assert_user_error(r, "eval_last", "same flags")
     assert len(rows(out)) == 4
 
 
