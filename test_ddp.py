@@ -156,7 +156,7 @@ def test_torchrun_trains_stops_on_one_rank_signal_and_resumes_exactly(tmp_path, 
     late, so agreeing never waits on the device), and the state is saved once; --resume under torchrun then ends
     with the weights of the run never stopped."""
     make_cifar(tmp_path)
-    common = ["--data", tmp_path, "--epochs", "2", *TINY, "--batch-size", "16"]  # 4 steps an epoch
+    common = ["--data", tmp_path, "--epochs", "2", *TINY, "--limit", "48", "--batch-size", "16"]  # 3 steps an epoch
     r = torchrun(os.path.join(HERE, "train.py"), *common, "--out", tmp_path / "a.pt")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("val_pgd") == 1 and r.stdout.count("saved") == 1  # the table once: rank 0 prints
