@@ -231,38 +231,24 @@ def recorded_compile(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_compiled_attack_computes_input_gradients_only(recorded_compile):
-    """Eager autograd.grad(loss, x) skips the weight gradients; a compiled backward computes every input's that
-    requires one. The attack's backward graph computes the input gradient of all 20 convolutions and no weight
-    gradient; the update's computes every weight's. One graph per pass, compiled at the first step."""
-    forward, backward = recorded_compile
-    args = train.get_args(["--loss", "ce", "--compile", *TINY])
-    torch.manual_seed(0)
-    model, net = train.make_model(args, torch.device("cpu"))
-    opt = step.make_optimizer(model, args, finetune=False)
-    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    trained = [p.requires_grad for p in model.parameters()]
-    for _ in range(2):
-        step.train_step(model, net, opt, x, y, args)
-    assert len(forward) == 2
-    attack, update = backward
-    assert [m[:2] for m in attack] == [[True, False]] * 20
-    assert [m[1] for m in update] == [True] * 20
-    assert [p.requires_grad for p in model.parameters()] == trained  # given back after the attack
-
-
 def test_train_compile_as_users_type_it(tmp_path, capsys, recorded_compile):
     """train.py --compile (it crashed at the first step: `train_net or net` asked the compiled module for its truth
     value) runs both stages, compiling three graphs (the attack, the update, the fine-tuning update), each at the
-    first step of its stage: no recompilation after."""
+    first step of its stage: no recompilation after. Eager autograd.grad(loss, x) skips the weight gradients, a
+    compiled backward computes every input's that requires one: the attack's backward graph computes the input
+    gradient of all 20 convolutions and no weight gradient (the parameters' requires_grad is off for it), the
+    update's every weight's, the fine-tuning update's none (the backbone is frozen)."""
     from test_cli import run_here
     from test_data import make_cifar
-    forward, _ = recorded_compile
+    forward, backward = recorded_compile
     make_cifar(tmp_path)
     r = run_here(train, "--compile", "--loss", "anchor", "--data", tmp_path, "--epochs", "1", "--finetune-epochs", "1",
                  *TINY, "--out", tmp_path / "c.pt", capsys=capsys)  # 2 steps an epoch
     assert r.returncode == 0, r.stderr
     assert "compiled" in r.stdout and len(forward) == 3
+    attack, update, finetune = backward
+    assert [m[:2] for m in attack] == [[True, False]] * 20
+    assert [m[1] for m in update] == [True] * 20 and finetune == []
     assert torch.load(tmp_path / "c.pt", weights_only=True)["epoch"] == 2
 
 
