@@ -140,22 +140,13 @@ def profile(run_step, device, path):
     return syncs
 
 
-def cpu_name():
-    """The CPU's model name (Linux), or the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "CPU"
-
-
 def main(args):
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # as train.py sets it (CUDA only)
     if device.type == "cuda":
         name = f"{torch.cuda.get_device_name(device)}; non-bf16 variants run TF32 convolutions (cuDNN's default)"
     else:
-        name = f"{cpu_name()} ({torch.get_num_threads()} threads)"
+        name = f"{cli.cpuinfo('model name') or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
     model = args.arch if args.is_wrn else f"{args.arch} width {args.width}"
     print(f"{name} | torch {torch.__version__} | {model} | batch {args.batch_size} | "
           f"PGD-{args.steps} | median of {args.iters} steps after {args.warmup}")

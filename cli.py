@@ -64,8 +64,8 @@ def resolve_device(parser, args):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda is not available on this machine; use --device cpu")
-    flags = cpu_flags()
-    if getattr(args, "amp", False) and args.device == "cpu" and flags and not flags & BF16_FLAGS and not WARNED:
+    flags = set(cpuinfo("flags").split()) if getattr(args, "amp", False) and args.device == "cpu" else set()
+    if flags and not flags & BF16_FLAGS and not WARNED:  # flags empty: not asked, or /proc/cpuinfo unreadable
         WARNED.add("bf16")  # once a process: bench.py parses train.py's flags for every variant
         print(f"{parser.prog}: warning: --amp on a CPU without native bf16 (none of {', '.join(sorted(BF16_FLAGS))} "
               "in /proc/cpuinfo): bf16 is emulated there, 2-10x slower than float32 as measured (docs/speed.md); "
@@ -76,13 +76,13 @@ BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # the CPU instructions that run bf16 n
 WARNED = set()
 
 
-def cpu_flags():
-    """The CPU's instruction-set flags from /proc/cpuinfo (Linux), or an empty set where it cannot be read."""
+def cpuinfo(field):
+    """A field of the first CPU in /proc/cpuinfo (Linux: "model name", "flags"), or "" where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":")[0].strip() == field), "")
     except OSError:
-        return set()
+        return ""
 
 
 def flag_names(argv):

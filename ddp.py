@@ -94,8 +94,8 @@ class Leave:
     each step's vote is all-reduced on the device and read one step later, when it has long finished, so agreeing
     never stalls the device; the ranks leave one step after the step that asked."""
 
-    def __init__(self, world, device):
-        self.world, self.device, self.last = world, device, None
+    def __init__(self, world):
+        self.world, self.last = world, None
 
     def __call__(self, stop, loss, refreshed):
         if self.world == 1:

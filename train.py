@@ -226,7 +226,7 @@ def train_epoch(run, args, epoch, stop):
     stream = batches(run.x_tr, run.y_tr, args.batch_size, shuffle_seed=args.seed * 100003 + epoch, augment=True,
                      drop_last=True, second_view=second_view)
     share = args.batch_size // run.world  # every rank draws the same global batch and trains on its slice
-    leave = ddp.Leave(run.world, run.device)
+    leave = ddp.Leave(run.world)
     for step, batch in enumerate(stream):
         if step < run.step:  # resuming mid-epoch: the same batches, already trained on
             continue

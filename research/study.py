@@ -39,7 +39,7 @@ import repo  # noqa: F401  the repository root on sys.path (research/repo.py)
 import arms
 import resume
 import train
-from cli import CLIError, Parser, cli, flag_names, non_negative, on_stop_signals, positive, save_atomic_text, seed_type
+from cli import CLIError, Parser, cli, cpuinfo, flag_names, non_negative, on_stop_signals, positive, save_atomic_text, seed_type
 from data import DATASETS
 from eval import attack_list
 from summary import arm_of, summarize
@@ -132,10 +132,8 @@ def data_copy(data, dataset):
 
 def cpu_name():
     """The CPU's model and the instruction set torch's CPU kernels use."""
-    name = ""
-    if os.path.exists("/proc/cpuinfo"):
-        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    return f"{name or platform.processor() or 'unknown CPU'} ({torch.backends.cpu.get_cpu_capability()})"
+    name = cpuinfo("model name") or platform.processor() or "unknown CPU"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def recipe(args):
