@@ -154,7 +154,8 @@ def test_torchrun_trains_stops_on_one_rank_signal_and_resumes_exactly(tmp_path, 
     """2 processes: rank 0 alone prints and writes, eval.py reads the checkpoint on one device. A SIGTERM that
     reaches rank 1 alone, mid-epoch: every rank stops at the same step, the next (the ranks' votes are read a step
     late, so agreeing never waits on the device), and the state is saved once; --resume under torchrun then ends
-    with the weights of the run never stopped."""
+    with the weights of the run never stopped. (torchrun with --compile, compiled DDP against eager DDP: .ci/gpu_check.sh,
+    which CI runs on the CPU.)"""
     make_cifar(tmp_path)
     common = ["--data", tmp_path, "--epochs", "2", *TINY, "--limit", "48", "--batch-size", "16"]  # 3 steps an epoch
     r = torchrun(os.path.join(HERE, "train.py"), *common, "--out", tmp_path / "a.pt")
@@ -191,13 +192,3 @@ def test_torchrun_trains_stops_on_one_rank_signal_and_resumes_exactly(tmp_path, 
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
-    # --compile: DDP wrapped first, then compiled (aot_eager here: the traced forward and backward graphs, run
-    # without code generation). It ends where the eager run did, to float tolerance (the traced graphs round
-    # differently). A compiled run stopped and resumed this way equals the uninterrupted compiled run bit for bit
-    # (checked once, 2026-12-07; two more launches here would cost the suite 8 s).
-    aot_eager = "import functools, torch\ntorch.compile = functools.partial(torch.compile, backend='aot_eager')\n"
-    r = torchrun(patched_train(tmp_path / "c.py", aot_eager), *common, "--compile", "--out", tmp_path / "c.pt")
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stdout + r.stderr
-    c = torch.load(tmp_path / "c.pt", weights_only=True)
-    for k in a["model"]:
-        torch.testing.assert_close(c["model"][k], a["model"][k], rtol=1e-4, atol=1e-5, msg=k)

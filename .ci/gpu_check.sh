@@ -6,7 +6,7 @@
 #
 # Steps, each logged to NN_name.log with one line in summary.txt (exit status, seconds):
 #   quick train + eval (README's quick run on CUDA), the same with --amp --compile, torchrun --nproc_per_node 1
-#   (NCCL) for an epoch, SIGTERM then --resume, bench.py's table, a profiled anchor step, then ce,
+#   (NCCL) eager and with --compile (their weights compared), SIGTERM then --resume, bench.py's table, a profiled anchor step, then ce,
 #   anchor --lam 0 and anchor (all 49,000 training images, width 64, batch 512, PGD-10, eps 8/255, seed 0) for as
 #   many epochs as the time left allows, each evaluated on the 10,000 test images (clean, PGD-20), and AutoAttack
 #   on 1,000 while time remains. Every step runs under a timeout of the time left (train.py saves on the SIGTERM),
@@ -97,6 +97,17 @@ step quick_amp_eval python3 eval.py "$work/quick_ac.pt" --data "$data" "${dev[@]
     --json "$work/quick_ac_eval.json"
 step torchrun_1 python3 -m torch.distributed.run --nproc_per_node 1 train.py --data "$data" "${dev[@]}" \
     "${quick[@]}" --out "$work/torchrun.pt"
+# torchrun with --compile (DDP wrapped first, then compiled): the weights it ends with against the eager run's.
+# The dry run (aot_eager: the traced graphs, rounded differently) must agree to float tolerance; on the GPU, inductor's
+# kernels and TF32 drift further over an epoch at lr 0.2, so the difference is reported, not judged.
+step torchrun_1_compile python3 -m torch.distributed.run --nproc_per_node 1 train.py --data "$data" "${dev[@]}" \
+    "${quick[@]}" --compile --out "$work/torchrun_compile.pt"
+step compiled_vs_eager python3 -c "import sys, torch
+a, c = (torch.load(f, weights_only=True)['model'] for f in sys.argv[1:3])
+gap = max(((a[k].float() - c[k].float()).abs().max() / (a[k].float().abs().max() + 1e-12)).item() for k in a)
+print(f'largest weight difference, compiled vs eager torchrun, relative to the tensor\'s largest weight: {gap:.2e}')
+assert sys.argv[3] == '0' or gap < 1e-3, 'the compiled DDP run left the eager one'" \
+    "$work/torchrun.pt" "$work/torchrun_compile.pt" $dry
 
 # SIGTERM once the first epoch's checkpoint exists, then --resume to the end.
 sigterm_resume() {
